@@ -1,0 +1,44 @@
+// Elementwise math shared by the CPU and CUDA backends: ReLU, the softmax cross-entropy
+// gradient and the SGD-momentum element update. Written once so the CPU tests check the GPU math.
+#pragma once
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define RESYNC_HOST_DEVICE __host__ __device__
+#else
+#define RESYNC_HOST_DEVICE
+#endif
+
+namespace resync::kernels {
+
+// max(0, x). Written as `x < 0 ? 0 : x` so that a NaN propagates (as in PyTorch) and a
+// diverging run shows up in the loss instead of being silently clamped.
+RESYNC_HOST_DEVICE inline float relu(float x) { return x < 0.0f ? 0.0f : x; }
+
+// d relu(x) / dx * dy, with the subgradient 0 at x == 0 (PyTorch's choice).
+RESYNC_HOST_DEVICE inline float relu_grad(float x, float dy) { return x > 0.0f ? dy : 0.0f; }
+
+// exp(x - row_max): every exponent is <= 0, so nothing overflows even for logits of 1e4.
+RESYNC_HOST_DEVICE inline float shifted_exp(float x, float row_max) {
+  return std::exp(x - row_max);
+}
+
+// d(mean loss)/d logit for one class: (softmax - onehot) / batch, with softmax = e * inv_sum.
+RESYNC_HOST_DEVICE inline float xent_grad(float e, float inv_sum, bool is_label, float inv_batch) {
+  return (e * inv_sum - (is_label ? 1.0f : 0.0f)) * inv_batch;
+}
+
+// One parameter of SGD with momentum and weight decay, PyTorch semantics (no dampening):
+//   g = grad * grad_scale + wd * p;  v = momentum * v + g;  p -= lr * v.
+// The operation order is fixed (no reassociation), so equal inputs give equal bits on every rank
+// of one backend (nvcc may fuse the multiply-adds, so CPU and GPU can differ in the last bit).
+RESYNC_HOST_DEVICE inline void sgd_momentum_element(float& p, float& v, float grad,
+                                                    float grad_scale, float lr, float momentum,
+                                                    float weight_decay) {
+  const float g = grad * grad_scale + weight_decay * p;
+  v = momentum * v + g;
+  p = p - lr * v;
+}
+
+}  // namespace resync::kernels

@@ -1,0 +1,122 @@
+#include "models/model.h"
+
+#include <fmt/format.h>
+
+#include <string_view>
+
+#include "base/error.h"
+#include "models/mlp.h"
+
+namespace resync::models {
+namespace {
+
+// The registry. Adding a model: write its builder (a LayerStack from a ModelSpec) in its own
+// file pair and add one line here.
+struct Registered {
+  std::string_view name;
+  LayerStack (*build)(const ModelSpec&);
+};
+constexpr Registered kModels[] = {
+    {"mlp", &build_mlp},
+};
+
+}  // namespace
+
+Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed)
+    : label_(std::move(stack.label)),
+      layers_(std::move(stack.layers)),
+      loss_(n_classes),
+      max_batch_(max_batch) {
+  RESYNC_CHECK_ARG(!layers_.empty(), "model: no layers");
+  RESYNC_CHECK_ARG(max_batch_ > 0, "model: max batch must be > 0");
+  RESYNC_CHECK_ARG(layers_.back()->out_size() == n_classes,
+                   fmt::format("model: last layer has {} outputs for {} classes",
+                               layers_.back()->out_size(), n_classes));
+  size_t total = 0;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (i > 0) {
+      RESYNC_CHECK_ARG(
+          layers_[i]->in_size() == layers_[i - 1]->out_size(),
+          fmt::format("model: {} cannot follow {}", layers_[i]->name(), layers_[i - 1]->name()));
+    }
+    total += layers_[i]->n_params();
+  }
+  params_.assign(total, 0.0f);
+  grads_.assign(total, 0.0f);
+
+  SplitMix64 rng(seed);
+  size_t offset = 0;
+  for (auto& layer : layers_) {
+    const size_t n = layer->n_params();
+    layer->bind(std::span(params_).subspan(offset, n), std::span(grads_).subspan(offset, n));
+    layer->init(rng);
+    layer->reserve(max_batch_);
+    acts_.emplace_back(max_batch_ * layer->out_size());
+    dacts_.emplace_back(max_batch_ * layer->out_size());
+    offset += n;
+  }
+}
+
+void Model::check_batch(const float* x, const int32_t* labels, size_t batch) const {
+  RESYNC_CHECK_ARG(batch <= max_batch_,
+                   fmt::format("batch of {} exceeds the model's max batch {}", batch, max_batch_));
+  RESYNC_CHECK_ARG(batch == 0 || (x != nullptr && labels != nullptr),
+                   "model: inputs or labels are null");
+}
+
+float Model::forward_backward(const float* x, const int32_t* labels, size_t batch) {
+  check_batch(x, labels, batch);
+  RESYNC_CHECK_ARG(batch > 0, "model: empty training batch");
+  const size_t n_layers = layers_.size();
+
+  // Forward: each layer reads the previous layer's output; the last one writes the logits.
+  for (size_t i = 0; i < n_layers; ++i) {
+    layers_[i]->forward(input_of(i, x), acts_[i].data(), batch);
+  }
+  // Loss, and its gradient with respect to the logits.
+  const float loss =
+      loss_.forward_backward(acts_.back().data(), labels, dacts_.back().data(), batch);
+  // Backward, mirrored: the first layer needs no gradient for the input batch.
+  for (size_t i = n_layers; i-- > 0;) {
+    float* dx = i == 0 ? nullptr : dacts_[i - 1].data();
+    layers_[i]->backward(input_of(i, x), acts_[i].data(), dacts_[i].data(), dx, batch);
+  }
+  return loss;
+}
+
+EvalResult Model::evaluate(const float* x, const int32_t* labels, size_t batch) {
+  check_batch(x, labels, batch);
+  EvalResult result;
+  result.count = batch;
+  if (batch == 0) return result;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i]->forward(input_of(i, x), acts_[i].data(), batch);
+  }
+  result.loss_sum = loss_.loss_sum(acts_.back().data(), labels, batch, &result.correct);
+  return result;
+}
+
+std::string Model::describe() const { return fmt::format("{} ({} params)", label_, n_params()); }
+
+std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed) {
+  RESYNC_CHECK_ARG(spec.in_channels > 0 && spec.in_height > 0 && spec.in_width > 0,
+                   fmt::format("model input must be non-empty, got {}x{}x{}", spec.in_channels,
+                               spec.in_height, spec.in_width));
+  RESYNC_CHECK_ARG(spec.n_classes > 0, "model: number of classes must be > 0");
+  RESYNC_CHECK_ARG(max_batch > 0, "model: max batch must be > 0");
+  for (const Registered& entry : kModels) {
+    if (entry.name == spec.name) {
+      return std::make_unique<Model>(entry.build(spec), spec.n_classes, max_batch, seed);
+    }
+  }
+  throw InvalidArgument(
+      fmt::format("unknown model '{}' (known: {})", spec.name, fmt::join(model_names(), ", ")));
+}
+
+std::vector<std::string> model_names() {
+  std::vector<std::string> names;
+  for (const Registered& entry : kModels) names.emplace_back(entry.name);
+  return names;
+}
+
+}  // namespace resync::models

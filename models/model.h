@@ -1,0 +1,88 @@
+// Models over one flat float32 parameter buffer and one flat gradient buffer: the spec, the
+// Model (layers in forward order ending in softmax cross-entropy) and the registry by name.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "models/layer.h"
+#include "models/layers.h"
+
+namespace resync::models {
+
+struct ModelSpec {
+  std::string name = "mlp";
+  std::vector<size_t> hidden = {512, 512};  // mlp: widths of the hidden layers
+  size_t in_channels = 1, in_height = 28, in_width = 28, n_classes = 10;
+
+  size_t input_size() const { return in_channels * in_height * in_width; }
+};
+
+struct EvalResult {
+  double loss_sum = 0;  // summed over samples: add results up, divide by count at the end
+  size_t correct = 0;
+  size_t count = 0;
+};
+
+// What a registered builder produces: the layers in forward order and a short label.
+struct LayerStack {
+  std::string label;  // e.g. "mlp 784-512-512-10"
+  std::vector<std::unique_ptr<Layer>> layers;
+};
+
+// A feed-forward network and its loss. Owns the parameter and gradient buffers (layers hold
+// views into them) and every activation buffer, sized once for max_batch: a step allocates
+// nothing. Parameters are laid out layer after layer, in forward order.
+class Model {
+ public:
+  // Binds the layers to the buffers and initialises the parameters from seed: the same seed
+  // gives bitwise-identical parameters on every rank.
+  Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed);
+
+  size_t n_params() const { return params_.size(); }
+  std::span<float> params() { return params_; }
+  std::span<const float> params() const { return params_; }
+  std::span<float> grads() { return grads_; }
+  std::span<const float> grads() const { return grads_; }
+
+  size_t input_size() const { return layers_.front()->in_size(); }  // floats per sample
+  size_t n_classes() const { return loss_.n_classes(); }
+  size_t max_batch() const { return max_batch_; }
+
+  // Forward, loss and backward on one batch (1 <= batch <= max_batch); x is [batch x
+  // input_size()]. Overwrites grads() with the gradient of the mean loss, which it returns.
+  float forward_backward(const float* x, const int32_t* labels, size_t batch);
+
+  // Forward only (0 <= batch <= max_batch): summed loss, correct predictions and count.
+  EvalResult evaluate(const float* x, const int32_t* labels, size_t batch);
+
+  std::string describe() const;  // e.g. "mlp 784-512-512-10 (669706 params)"
+
+ private:
+  const float* input_of(size_t layer, const float* x) const {
+    return layer == 0 ? x : acts_[layer - 1].data();
+  }
+  void check_batch(const float* x, const int32_t* labels, size_t batch) const;
+
+  std::string label_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  SoftmaxCrossEntropy loss_;
+  size_t max_batch_;
+  std::vector<float> params_;
+  std::vector<float> grads_;
+  std::vector<std::vector<float>> acts_;   // acts_[i]: output of layer i; the last are logits
+  std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
+};
+
+// Builds a registered model ("mlp"; see model_names()). An unknown name or a bad spec (zero
+// sizes, empty or zero hidden widths) or max_batch == 0 throws InvalidArgument.
+std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed);
+
+// Registered model names, in registry order.
+std::vector<std::string> model_names();
+
+}  // namespace resync::models
