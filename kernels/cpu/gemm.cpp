@@ -77,7 +77,7 @@ std::string blas_core() {
   return name != nullptr ? name : "unknown";
 }
 
-std::string blas_core_advice() {
+std::string blas_recommended_coretype() {
 #if defined(__x86_64__) || defined(__i386__)
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return {};
   std::string core = blas_core();
@@ -89,13 +89,19 @@ std::string blas_core_advice() {
   }
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return fmt::format(
-      "OpenBLAS selected its '{}' kernels although this CPU supports AVX2/FMA{}; GEMM runs "
-      "several times slower. Export OPENBLAS_CORETYPE={} before starting the job.",
-      blas_core(), avx512 ? " and AVX-512" : "", avx512 ? "SkylakeX" : "Haswell");
+  return avx512 ? "SkylakeX" : "Haswell";
 #else
   return {};
 #endif
+}
+
+std::string blas_core_advice() {
+  const std::string recommended = blas_recommended_coretype();
+  if (recommended.empty()) return {};
+  return fmt::format(
+      "OpenBLAS selected its '{}' kernels although this CPU supports {}; GEMM runs several times "
+      "slower. Export OPENBLAS_CORETYPE={} before starting the job.",
+      blas_core(), recommended == "SkylakeX" ? "AVX-512" : "AVX2/FMA", recommended);
 }
 
 }  // namespace resync::kernels

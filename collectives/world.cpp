@@ -1,0 +1,49 @@
+#include "collectives/world.h"
+
+#include <mpi.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "base/error.h"
+
+namespace resync::collectives {
+
+int lowest_failed_rank(bool failed) {
+  int rank = 0, size = 1;
+  RESYNC_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+  RESYNC_CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &size));
+  int mine = failed ? rank : size;
+  int lowest = size;
+  RESYNC_CHECK_MPI(MPI_Allreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD));
+  return lowest;
+}
+
+bool all_ranks_equal(uint64_t value) {
+  uint64_t lo = 0, hi = 0;
+  RESYNC_CHECK_MPI(MPI_Allreduce(&value, &lo, 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD));
+  RESYNC_CHECK_MPI(MPI_Allreduce(&value, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD));
+  return lo == hi;
+}
+
+uint64_t sum_over_ranks(uint64_t value) {
+  uint64_t sum = 0;
+  RESYNC_CHECK_MPI(MPI_Allreduce(&value, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
+  return sum;
+}
+
+std::string broadcast_string(const std::string& text, int root) {
+  int n_bytes = static_cast<int>(text.size());
+  RESYNC_CHECK_MPI(MPI_Bcast(&n_bytes, 1, MPI_INT, root, MPI_COMM_WORLD));
+  std::vector<char> buf(text.begin(), text.end());
+  buf.resize(static_cast<size_t>(n_bytes));
+  RESYNC_CHECK_MPI(MPI_Bcast(buf.data(), n_bytes, MPI_CHAR, root, MPI_COMM_WORLD));
+  return std::string(buf.begin(), buf.end());
+}
+
+void abort_world(int exit_code) {
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::_Exit(exit_code);  // MPI_Abort does not return; this only satisfies [[noreturn]]
+}
+
+}  // namespace resync::collectives

@@ -1,0 +1,27 @@
+// Whole-world agreements the training thread makes outside the step protocol: at start-up
+// (did every rank set up? rank 0's control address) and at the end (do parameters agree?).
+// Blocking MPI collectives over MPI_COMM_WORLD; only for moments when every rank is present.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace resync::collectives {
+
+// The lowest rank that passed `failed` = true, or the world size if none did; on every rank.
+int lowest_failed_rank(bool failed);
+
+// True on every rank if every rank passed the same value.
+bool all_ranks_equal(uint64_t value);
+
+// Sum of `value` over every rank, on every rank.
+uint64_t sum_over_ranks(uint64_t value);
+
+// Rank `root`'s `text` on every rank.
+std::string broadcast_string(const std::string& text, int root);
+
+// Ends every process of the job with `exit_code` (MPI_Abort): for failures after which some
+// ranks could otherwise wait forever. Only main() calls it.
+[[noreturn]] void abort_world(int exit_code);
+
+}  // namespace resync::collectives

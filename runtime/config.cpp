@@ -1,0 +1,162 @@
+#include "runtime/config.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "runtime/inject_delay.h"
+
+namespace resync::runtime {
+namespace {
+
+// CLI11 validator for spdlog level names.
+CLI::Validator log_level_validator() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        return log::valid_level(value) ? std::string()
+                                       : "must be one of trace, debug, info, warn, error, off";
+      },
+      "LEVEL");
+}
+
+CLI::Validator data_validator() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        if (value == "fashion-mnist" || value == "synthetic") return {};
+        if (value.rfind("idx:", 0) == 0 && value.size() > 4) return {};
+        return "must be fashion-mnist, synthetic or idx:DIR";
+      },
+      "DATA");
+}
+
+CLI::Validator inject_delay_validator() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        try {
+          parse_delay_spec(value);
+        } catch (const InvalidArgument& e) {
+          return e.what();
+        }
+        return {};
+      },
+      "SPEC");
+}
+
+}  // namespace
+
+void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
+  app.set_config("--config", "", "Read flags from a TOML file (keys are the long flag names)");
+
+  app.add_option("--model", cfg.model, "Model: mlp")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mlp", "cnn"}));
+  app.add_option("--hidden", cfg.hidden, "Hidden layer sizes of the mlp, comma separated")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 16));
+  app.add_option("--data", cfg.data, "Data: fashion-mnist, idx:DIR (MNIST-format files) or synthetic")
+      ->capture_default_str()
+      ->check(data_validator());
+  app.add_option("--synthetic-train", cfg.synthetic_train, "Training samples of --data synthetic")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{10'000'000}));
+  app.add_option("--synthetic-test", cfg.synthetic_test, "Test samples of --data synthetic")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{10'000'000}));
+
+  app.add_option("--epochs", cfg.epochs, "Passes over each rank's shard")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{100'000}));
+  app.add_option("--steps", cfg.steps, "Total steps (overrides --epochs when > 0)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{0}, size_t{1'000'000'000}));
+  app.add_option("--batch-size", cfg.batch_size, "Mini-batch size per rank")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{65536}));
+  app.add_option("--lr", cfg.lr, "Learning rate")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0f, 100.0f));
+  app.add_option("--momentum", cfg.momentum, "SGD momentum in [0, 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0f, 0.999999f));
+  app.add_option("--weight-decay", cfg.weight_decay, "L2 weight decay")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0f, 1.0f));
+  app.add_option("--seed", cfg.seed, "Seed of initialisation, shuffling and injected delays")
+      ->capture_default_str();
+  app.add_option("--threads", cfg.threads, "BLAS threads per rank")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 256));
+
+  app.add_option("--backup-workers", cfg.backup_workers,
+                 "Backup workers b: a step closes when the first W-b gradients are ready")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--straggler-timeout-ms", cfg.straggler_timeout_ms,
+                 "Close a step this long after its first READY (0 = no timeout)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3.6e6));
+  app.add_option("--min-quorum", cfg.min_quorum,
+                 "Fewest ranks a timed-out step may close with (0 = 1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  app.add_option("--stall-warning-s", cfg.stall_warning_s,
+                 "Log the missing ranks when no step closes for this long")
+      ->capture_default_str()
+      ->check(CLI::Range(0.001, 1e6));
+  app.add_option("--stall-abort-s", cfg.stall_abort_s,
+                 "Abort the job when no step closes for this long (0 = never)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
+  app.add_option("--inject-delay", cfg.inject_delay,
+                 "Straggler injection before READY: none | fixed:RANK:MS | "
+                 "random:P:lognormal:MEDIAN_MS:SIGMA | random:P:pareto:SCALE_MS:ALPHA | "
+                 "one:lognormal:MEDIAN_MS:SIGMA | one:pareto:SCALE_MS:ALPHA")
+      ->capture_default_str()
+      ->check(inject_delay_validator());
+
+  app.add_option("--segment-kib", cfg.segment_kib, "Ring all-reduce segment size in KiB")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 20));
+
+  app.add_option("--metrics", cfg.metrics, "Write JSON Lines metrics to this file (rank 0)");
+  app.add_option("--metrics-every", cfg.metrics_every, "Write every k-th step record")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
+  app.add_option("--log-level", cfg.log_level, "trace, debug, info, warn, error, off")
+      ->capture_default_str()
+      ->check(log_level_validator());
+}
+
+void validate_for_world(const TrainConfig& cfg, int world_size) {
+  if (cfg.backup_workers >= world_size) {
+    throw InvalidArgument(fmt::format(
+        "--backup-workers {} must be smaller than the number of ranks ({})", cfg.backup_workers,
+        world_size));
+  }
+  if (cfg.min_quorum > world_size) {
+    throw InvalidArgument(fmt::format("--min-quorum {} exceeds the number of ranks ({})",
+                                      cfg.min_quorum, world_size));
+  }
+  const DelaySpec spec = parse_delay_spec(cfg.inject_delay);
+  if (spec.kind == DelayKind::kFixedRank && spec.rank >= world_size) {
+    throw InvalidArgument(fmt::format("--inject-delay names rank {} but there are only {} ranks",
+                                      spec.rank, world_size));
+  }
+}
+
+std::string describe(const TrainConfig& c) {
+  return fmt::format(
+      "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
+      "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
+      "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} segment-kib={} "
+      "metrics={} metrics-every={} log-level={}",
+      c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
+      c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
+      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.segment_kib,
+      c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level);
+}
+
+}  // namespace resync::runtime

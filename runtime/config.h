@@ -1,0 +1,57 @@
+// TrainConfig: every knob of `resync train`, declared once (flag, default, validation, help)
+// in config.cpp, settable from the command line or a TOML file given with --config.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}
+
+namespace resync::runtime {
+
+struct TrainConfig {
+  // Model and data.
+  std::string model = "mlp";
+  std::vector<size_t> hidden = {512, 512};
+  std::string data = "fashion-mnist";  // fashion-mnist | idx:DIR | synthetic
+  size_t synthetic_train = 12000;      // samples in the synthetic training set
+  size_t synthetic_test = 2000;
+  // Schedule and optimizer.
+  size_t epochs = 1;
+  size_t steps = 0;  // if > 0, overrides --epochs
+  size_t batch_size = 64;  // per rank
+  float lr = 0.05f;
+  float momentum = 0.9f;
+  float weight_decay = 0.0f;
+  uint64_t seed = 1;
+  int threads = 1;  // BLAS threads per rank
+  // Straggler tolerance (see DESIGN.md, "The synchronous step").
+  int backup_workers = 0;
+  double straggler_timeout_ms = 0;  // 0 = no timeout
+  int min_quorum = 0;               // 0 = 1 (a timeout closes the step with whoever is ready)
+  double stall_warning_s = 60;
+  double stall_abort_s = 0;  // 0 = never abort
+  std::string inject_delay = "none";
+  // Collectives.
+  size_t segment_kib = 64;
+  // Outputs.
+  std::string metrics;  // JSON Lines file written by rank 0; empty = none
+  size_t metrics_every = 1;
+  std::string log_level = "info";
+  bool eval_every_epoch = true;
+};
+
+// Declares the `train` flags on `app` (a CLI11 subcommand), bound to `cfg`, with --config.
+void declare_train_flags(CLI::App& app, TrainConfig& cfg);
+
+// Checks what needs the world size; throws resync::InvalidArgument naming the flag.
+void validate_for_world(const TrainConfig& cfg, int world_size);
+
+// One line per setting, for rank 0's start-up log.
+std::string describe(const TrainConfig& cfg);
+
+}  // namespace resync::runtime

@@ -1,0 +1,103 @@
+// `resync`: the command-line program. Subcommands: train (under mpirun/srun), info.
+// Exit codes: 0 done, 2 bad input (flags, config, data), 1 runtime failure.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+
+#include <unistd.h>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "collectives/mpi_session.h"
+#include "collectives/world.h"
+#include "kernels/gemm.h"
+#include "runtime/config.h"
+#include "runtime/info.h"
+#include "runtime/train.h"
+
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitRuntime = 1;
+constexpr int kExitBadInput = 2;
+
+// The launcher's rank before MPI is up, so only one rank prints a flag error.
+int launcher_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"}) {
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  }
+  return 0;
+}
+
+// OpenBLAS picks its kernels when the library loads, from the CPU or OPENBLAS_CORETYPE. Version
+// 0.3.21 (Debian bookworm) does not recognise recent Xeons and falls back to SSE3 kernels that
+// are 3-4x slower. If the user did not choose, pick the right kernel set and restart this
+// program once, before MPI starts (exec keeps the pid, so launchers do not notice).
+void restart_with_fast_blas_if_needed(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  const std::string coretype = resync::kernels::blas_recommended_coretype();
+  if (coretype.empty()) return;
+  ::setenv("OPENBLAS_CORETYPE", coretype.c_str(), 1);
+  ::execv("/proc/self/exe", argv);
+  // exec failed: carry on with the slow kernels; the training log repeats the advice.
+  ::unsetenv("OPENBLAS_CORETYPE");
+}
+
+void print_error(int rank, const std::string& what) {
+  std::fprintf(stderr, "resync: error%s: %s\n",
+               rank >= 0 ? fmt::format(" (rank {})", rank).c_str() : "", what.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  restart_with_fast_blas_if_needed(argv);
+  CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring"};
+  app.require_subcommand(1);
+  resync::runtime::TrainConfig cfg;
+  CLI::App* train = app.add_subcommand("train", "Train a model (run under mpirun or srun)");
+  resync::runtime::declare_train_flags(*train, cfg);
+  CLI::App* info = app.add_subcommand("info", "Print the build: MPI, BLAS, spdlog, CUDA");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    if (launcher_rank() == 0) print_error(-1, e.what());
+    return kExitBadInput;
+  }
+
+  int rank = -1;
+  try {
+    if (info->parsed()) {
+      resync::collectives::MpiSession mpi(&argc, &argv);
+      if (mpi.rank() == 0) std::fputs(resync::runtime::build_info(mpi).c_str(), stdout);
+      return kExitOk;
+    }
+    resync::log::init(-1, cfg.log_level);
+    resync::collectives::MpiSession mpi(&argc, &argv);
+    rank = mpi.rank();
+    resync::log::init(rank, cfg.log_level);
+    resync::runtime::train_sync(cfg, mpi);
+    return kExitOk;
+  } catch (const resync::InvalidArgument& e) {
+    // Set-up errors are agreed on: exactly one rank reports, every rank exits 2.
+    if (!resync::runtime::is_quiet_peer_failure(e)) print_error(-1, e.what());
+    return kExitBadInput;
+  } catch (const resync::DataError& e) {
+    print_error(-1, e.what());
+    return kExitBadInput;
+  } catch (const std::exception& e) {
+    // A runtime failure may leave other ranks waiting on this one: end the whole job.
+    print_error(rank, e.what());
+    if (rank >= 0) resync::collectives::abort_world(kExitRuntime);
+    return kExitRuntime;
+  }
+}

@@ -1,0 +1,61 @@
+#include "runtime/metrics.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+#include "base/error.h"
+
+namespace resync::runtime {
+namespace {
+
+// JSON has no NaN/Infinity; a diverged loss is written as null.
+std::string num(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
+
+std::string ranks(const std::vector<int>& r) { return fmt::format("[{}]", fmt::join(r, ",")); }
+
+}  // namespace
+
+MetricsWriter::MetricsWriter(const std::string& path) : path_(path) {
+  if (path.empty()) return;
+  file_.reset(std::fopen(path.c_str(), "w"));
+  if (!file_) {
+    throw InvalidArgument(
+        fmt::format("--metrics '{}': cannot create the file ({})", path, std::strerror(errno)));
+  }
+}
+
+void MetricsWriter::write_line(const std::string& line) {
+  if (!file_) return;
+  if (std::fputs(line.c_str(), file_.get()) < 0 || std::fputc('\n', file_.get()) < 0 ||
+      std::fflush(file_.get()) != 0) {
+    throw Error(fmt::format("--metrics '{}': write failed ({})", path_, std::strerror(errno)));
+  }
+}
+
+void MetricsWriter::step(const StepRecord& r) {
+  write_line(fmt::format(
+      R"({{"event":"step","step":{},"epoch":{},"loss":{},"step_ms":{},"compute_ms":{},)"
+      R"("wait_ms":{},"comm_ms":{},"delay_ms":{},"participants":{},"dropped":{},"late":{}}})",
+      r.step, r.epoch, num(r.loss), num(r.step_ms), num(r.compute_ms), num(r.wait_ms),
+      num(r.comm_ms), num(r.delay_ms), ranks(r.participants), ranks(r.dropped), ranks(r.late)));
+}
+
+void MetricsWriter::eval(const EvalRecord& r) {
+  write_line(fmt::format(
+      R"({{"event":"eval","epoch":{},"step":{},"test_loss":{},"test_accuracy":{},"elapsed_s":{}}})",
+      r.epoch, r.step, num(r.test_loss), num(r.test_accuracy), num(r.elapsed_s)));
+}
+
+void MetricsWriter::summary(const SummaryRecord& r) {
+  write_line(fmt::format(
+      R"({{"event":"summary","steps":{},"elapsed_s":{},"samples_per_s":{},"test_accuracy":{},)"
+      R"("param_checksum":"{}","ranks_agree":{},"dropped_gradients":{},"catch_ups":{}}})",
+      r.steps, num(r.elapsed_s), num(r.samples_per_s), num(r.test_accuracy), r.param_checksum,
+      r.ranks_agree ? "true" : "false", r.dropped_gradients, r.catch_ups));
+}
+
+}  // namespace resync::runtime

@@ -1,0 +1,25 @@
+// The training entry points of `resync train`: synchronous data-parallel SGD with the
+// straggler-tolerant ring all-reduce.
+#pragma once
+
+#include <exception>
+#include <string>
+
+#include "runtime/config.h"
+#include "runtime/metrics.h"
+
+namespace resync::collectives {
+class MpiSession;
+}
+
+namespace resync::runtime {
+
+// Runs training on every rank of the session's world. Returns rank 0's summary (every rank
+// gets the same summary values). Throws InvalidArgument/DataError for bad input, Error otherwise.
+SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi);
+
+// True for the error a rank raises when its own set-up worked but another rank's failed: that
+// rank reports the problem, this one should exit with code 2 without repeating it.
+bool is_quiet_peer_failure(const std::exception& e);
+
+}  // namespace resync::runtime

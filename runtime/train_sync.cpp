@@ -1,0 +1,322 @@
+// Synchronous data-parallel training (DESIGN.md, "The synchronous step"). One step reads top to
+// bottom: batch -> forward/backward -> READY, wait for the order -> ring all-reduce over the
+// participants -> averaged update -> send state to the late ranks this rank serves.
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <cmath>
+#include <exception>
+#include <memory>
+#include <thread>
+
+#include "base/error.h"
+#include "base/log.h"
+#include "collectives/context.h"
+#include "collectives/control_plane.h"
+#include "collectives/mpi_session.h"
+#include "collectives/mpi_transport.h"
+#include "collectives/ring_allreduce.h"
+#include "collectives/state_transfer.h"
+#include "collectives/tcp_control.h"
+#include "collectives/world.h"
+#include "kernels/gemm.h"
+#include "models/model.h"
+#include "runtime/checksum.h"
+#include "runtime/dataset.h"
+#include "runtime/inject_delay.h"
+#include "runtime/optimizer.h"
+#include "runtime/train.h"
+
+namespace resync::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Test-set loss and accuracy of the current parameters, in batches of the model's max batch.
+EvalRecord evaluate(models::Model& model, const Dataset& test, size_t batch_size,
+                    std::vector<float>& x, std::vector<int32_t>& y) {
+  models::EvalResult total;
+  std::vector<uint32_t> indices(batch_size);
+  for (size_t begin = 0; begin < test.n_samples(); begin += batch_size) {
+    const size_t n = std::min(batch_size, test.n_samples() - begin);
+    for (size_t i = 0; i < n; ++i) indices[i] = static_cast<uint32_t>(begin + i);
+    test.gather({indices.data(), n}, x.data(), y.data());
+    models::EvalResult part = model.evaluate(x.data(), y.data(), n);
+    total.loss_sum += part.loss_sum;
+    total.correct += part.correct;
+    total.count += part.count;
+  }
+  EvalRecord r;
+  r.test_loss = total.count ? total.loss_sum / double(total.count) : 0;
+  r.test_accuracy = total.count ? double(total.correct) / double(total.count) : 0;
+  return r;
+}
+
+collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world) {
+  collectives::CoordinatorConfig c;
+  c.world_size = world;
+  c.backup_workers = cfg.backup_workers;
+  c.straggler_timeout_ms = static_cast<int64_t>(std::llround(cfg.straggler_timeout_ms));
+  c.min_quorum = cfg.min_quorum;
+  c.stall_warning_s = cfg.stall_warning_s;
+  c.stall_abort_s = cfg.stall_abort_s;
+  return c;
+}
+
+std::vector<int> complement(const std::vector<int>& members, int world) {
+  std::vector<int> out;
+  size_t j = 0;
+  for (int r = 0; r < world; ++r) {
+    if (j < members.size() && members[j] == r) {
+      ++j;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+// Everything one rank trains with, built once. Construction is where bad input shows up.
+struct Setup {
+  Setup(const TrainConfig& c, int rank_, int world_)
+      : cfg(c),
+        rank(rank_),
+        world(world_),
+        delay_spec(parse_delay_spec(c.inject_delay)),
+        data(load_data(c.data, c.seed, c.synthetic_train, c.synthetic_test)),
+        model(models::make_model(model_spec(), c.batch_size, c.seed)),
+        optimizer(model->n_params(), {c.lr, c.momentum, c.weight_decay}),
+        sampler(data.train.n_samples(), world_, rank_, c.batch_size, c.seed),
+        total_steps(c.steps > 0 ? c.steps : uint64_t(c.epochs) * sampler.steps_per_epoch()),
+        metrics(rank_ == 0 ? c.metrics : std::string()),
+        x(c.batch_size * data.train.n_features()),
+        y(c.batch_size) {
+    collectives::CoordinatorConfig(coordinator_config(c, world_)).validate();
+  }
+
+  models::ModelSpec model_spec() const {
+    models::ModelSpec spec;
+    spec.name = cfg.model;
+    spec.hidden = cfg.hidden;
+    spec.in_channels = data.train.channels;
+    spec.in_height = data.train.height;
+    spec.in_width = data.train.width;
+    spec.n_classes = data.train.n_classes;
+    return spec;
+  }
+
+  const TrainConfig& cfg;
+  int rank;
+  int world;
+  DelaySpec delay_spec;
+  DataSplits data;
+  std::unique_ptr<models::Model> model;
+  SgdOptimizer optimizer;
+  ShardSampler sampler;
+  uint64_t total_steps;
+  MetricsWriter metrics;
+  std::vector<float> x;
+  std::vector<int32_t> y;
+};
+
+// Raised on every rank but one when set-up failed somewhere: the lowest failing rank reports
+// its reason, the others exit quietly with the same code.
+class PeerSetupFailed : public InvalidArgument {
+ public:
+  PeerSetupFailed() : InvalidArgument("another rank rejected its set-up") {}
+};
+
+// Builds the Setup on every rank and agrees on success, so that no rank starts training while
+// another one has already given up (e.g. only rank 0 opens the metrics file).
+std::unique_ptr<Setup> agreed_setup(const TrainConfig& cfg, int rank, int world) {
+  std::unique_ptr<Setup> setup;
+  std::exception_ptr error;
+  try {
+    validate_for_world(cfg, world);
+    kernels::set_blas_threads(cfg.threads);
+    setup = std::make_unique<Setup>(cfg, rank, world);
+  } catch (const Error&) {
+    error = std::current_exception();
+  }
+  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
+  if (first_failed == rank) std::rethrow_exception(error);
+  if (first_failed < world) throw PeerSetupFailed();
+  return setup;
+}
+
+}  // namespace
+
+bool is_quiet_peer_failure(const std::exception& e) {
+  return dynamic_cast<const PeerSetupFailed*>(&e) != nullptr;
+}
+
+SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
+  auto log = log::get("train");
+  const int rank = mpi.rank();
+  const int world = mpi.size();
+  std::unique_ptr<Setup> setup = agreed_setup(cfg, rank, world);
+  Setup& s = *setup;
+  models::Model& model = *s.model;
+
+  // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
+  collectives::MpiTransport transport;
+  collectives::Context ctx(transport);
+  collectives::RingAllreduce ring(
+      ctx, {.segment_bytes = cfg.segment_kib * 1024, .max_elems = model.n_params()});
+  std::unique_ptr<collectives::TcpControlServer> coordinator;
+  if (rank == 0) {
+    collectives::TcpServerOptions options;
+    options.coordinator = coordinator_config(cfg, world);
+    coordinator = std::make_unique<collectives::TcpControlServer>(options);
+  }
+  const std::string endpoint =
+      collectives::broadcast_string(coordinator ? coordinator->endpoint() : "", 0);
+  std::unique_ptr<collectives::ControlChannel> control =
+      collectives::TcpControlClient::connect(endpoint, rank);
+
+  if (rank == 0) {
+    log->info("config: {}", describe(cfg));
+    log->info("{} ranks, model {}, data {} ({} train / {} test samples), {} steps/epoch, "
+              "{} steps, BLAS {}",
+              world, model.describe(), cfg.data, s.data.train.n_samples(),
+              s.data.test.n_samples(), s.sampler.steps_per_epoch(), s.total_steps,
+              kernels::blas_core());
+    log->info("coordinator at {}, W={} b={} straggler-timeout-ms={}", coordinator->address(),
+              world, cfg.backup_workers, cfg.straggler_timeout_ms);
+  }
+  if (const std::string advice = kernels::blas_core_advice(); !advice.empty() && rank == 0) {
+    log->warn("{}", advice);
+  }
+
+  std::span<float> params = model.params();
+  std::span<float> grads = model.grads();
+  const std::array<std::span<const float>, 2> state_out = {params, s.optimizer.state()};
+  const std::array<std::span<float>, 2> state_in = {params, s.optimizer.state()};
+  uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
+  uint64_t catch_ups = 0;
+  size_t epochs_evaluated = 0;
+  EvalRecord last_eval;
+  const Clock::time_point start = Clock::now();
+
+  // Rank 0 evaluates when it has completed an epoch (its own step counter passed a boundary).
+  auto maybe_evaluate = [&](uint64_t completed_steps, double train_loss) {
+    const size_t epochs_done = completed_steps / s.sampler.steps_per_epoch();
+    const bool last = completed_steps == s.total_steps;
+    if (rank != 0 || (epochs_done <= epochs_evaluated && !last)) return;
+    if (last && last_eval.step == completed_steps) return;
+    epochs_evaluated = epochs_done;
+    last_eval = evaluate(model, s.data.test, cfg.batch_size, s.x, s.y);
+    last_eval.epoch = s.sampler.epoch_of(completed_steps - 1);
+    last_eval.step = completed_steps;
+    last_eval.elapsed_s = ms_since(start) / 1000.0;
+    s.metrics.eval(last_eval);
+    log->info("epoch {} step {}: test accuracy {:.4f}, test loss {:.4f}, train loss {:.4f}, "
+              "{:.1f} s",
+              last_eval.epoch, last_eval.step, last_eval.test_accuracy, last_eval.test_loss,
+              train_loss, last_eval.elapsed_s);
+  };
+
+  // Sends this rank's fresh state to every late rank it serves after `order`'s round.
+  auto serve_catchups = [&](const collectives::StepOrder& order, StepRecord& rec) {
+    for (int late : order.late_ranks_served_by(rank)) {
+      collectives::StateHeader header{.step = order.final_round ? order.step : order.step + 1};
+      collectives::send_state(ctx, late, order.step, header, state_out);
+    }
+    for (const collectives::CatchUp& c : order.catchups) rec.late.push_back(c.late_rank);
+  };
+
+  // Replaces this rank's state with the donor's; returns the step to continue with.
+  auto catch_up = [&](const collectives::StepOrder& order, uint64_t from_step) {
+    collectives::StateHeader header;
+    collectives::recv_state(ctx, order.donor, order.step, header, state_in);
+    steps_skipped += header.step - from_step;
+    ++catch_ups;
+    log->debug("caught up from rank {}: step {} -> {}", order.donor, from_step, header.step);
+    return header.step;
+  };
+
+  uint64_t step = 0;
+  bool stop = false;
+  while (step < s.total_steps && !stop) {
+    StepRecord rec;
+    rec.step = step;
+    rec.epoch = s.sampler.epoch_of(step);
+    const Clock::time_point t0 = Clock::now();
+
+    // Forward and backward on this rank's own mini-batch.
+    s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
+    rec.loss = model.forward_backward(s.x.data(), s.y.data(), cfg.batch_size);
+    rec.compute_ms = ms_since(t0);
+    rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
+    if (rec.delay_ms > 0) {  // straggler injection: the only sleep in a step, on purpose
+      std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(rec.delay_ms));
+    }
+
+    // READY, then wait for the coordinator's order for this step.
+    const Clock::time_point t_wait = Clock::now();
+    const collectives::StepOrder order = control->ready(step);
+    rec.wait_ms = ms_since(t_wait);
+    if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
+      step = catch_up(order, step);
+      maybe_evaluate(step, rec.loss);
+      continue;
+    }
+
+    // Gradient exchange over the participants only, then the averaged update.
+    const Clock::time_point t_comm = Clock::now();
+    ring.allreduce_sum(grads, order.participants, step);
+    s.optimizer.step(params, grads, 1.0f / float(order.participants.size()));
+    serve_catchups(order, rec);
+    rec.comm_ms = ms_since(t_comm);
+
+    rec.participants = order.participants;
+    rec.dropped = complement(order.participants, world);
+    rec.step_ms = ms_since(t0);
+    if (rank == 0 && (step % cfg.metrics_every == 0 || step + 1 == s.total_steps)) {
+      s.metrics.step(rec);
+    }
+    stop = order.stop;
+    step += 1;
+    maybe_evaluate(step, rec.loss);
+  }
+
+  // Final round: every rank ends with the same state (late ranks are caught up once more).
+  const collectives::StepOrder final_order = control->finish(step);
+  if (final_order.kind == collectives::OrderKind::kCatchUp) {
+    step = catch_up(final_order, step);
+  } else {
+    StepRecord ignored;
+    serve_catchups(final_order, ignored);
+  }
+  maybe_evaluate(step, 0);
+
+  // ---- summary: every rank's checksum compared ------------------------------------------
+  SummaryRecord summary;
+  summary.steps = step;
+  summary.elapsed_s = ms_since(start) / 1000.0;
+  const uint64_t samples = (uint64_t(world) * step - collectives::sum_over_ranks(steps_skipped)) *
+                           cfg.batch_size;
+  summary.samples_per_s = summary.elapsed_s > 0 ? double(samples) / summary.elapsed_s : 0;
+  summary.test_accuracy = last_eval.test_accuracy;
+  const uint64_t checksum = checksum64(params);
+  summary.param_checksum = fmt::format("{:016x}", checksum);
+  summary.ranks_agree = collectives::all_ranks_equal(checksum);
+  summary.dropped_gradients = collectives::sum_over_ranks(steps_skipped);
+  summary.catch_ups = collectives::sum_over_ranks(catch_ups);
+  if (rank == 0) {
+    s.metrics.summary(summary);
+    log->info("done: {} steps in {:.1f} s, {:.0f} samples/s, test accuracy {:.4f}, checksum {}, "
+              "ranks agree: {}, dropped gradients {}, catch-ups {}",
+              summary.steps, summary.elapsed_s, summary.samples_per_s, summary.test_accuracy,
+              summary.param_checksum, summary.ranks_agree, summary.dropped_gradients,
+              summary.catch_ups);
+  }
+  return summary;
+}
+
+}  // namespace resync::runtime

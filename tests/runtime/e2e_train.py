@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""End-to-end tests of `resync train` under mpirun: outputs, determinism, bad input.
+
+Usage: e2e_train.py RESYNC_BINARY MPIEXEC SCENARIO
+Each scenario asserts and exits non-zero with a message naming what differed.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
+ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+TMP = tempfile.mkdtemp(prefix="resync_e2e_")
+QUICK = ["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-test", "1000",
+         "--hidden", "64", "--batch-size", "32", "--log-level", "warn"]
+
+
+def fail(msg):
+    print(f"FAIL [{SCENARIO}]: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(np, args, timeout=120):
+    cmd = [MPIEXEC, "-np", str(np), "--oversubscribe", "--bind-to", "none", RESYNC] + args
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def train(np, args, name, timeout=120):
+    path = os.path.join(TMP, name + ".jsonl")
+    p = run(np, ["train", "--metrics", path] + args, timeout)
+    if p.returncode != 0:
+        fail(f"`resync train {' '.join(args)}` at np {np} exited {p.returncode}\n{p.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(path)]
+    return rows
+
+
+def summary(rows):
+    last = rows[-1]
+    if last.get("event") != "summary":
+        fail(f"last metrics line is not the summary: {last}")
+    return last
+
+
+def scenario_metrics():
+    rows = train(2, QUICK + ["--epochs", "2", "--metrics-every", "5"], "metrics")
+    steps = [r for r in rows if r["event"] == "step"]
+    evals = [r for r in rows if r["event"] == "eval"]
+    s = summary(rows)
+    spe = 4000 // 2 // 32
+    if s["steps"] != 2 * spe:
+        fail(f"summary steps {s['steps']}, expected {2 * spe}")
+    for key in ["step", "epoch", "loss", "step_ms", "compute_ms", "comm_ms", "wait_ms",
+                "participants", "dropped", "late"]:
+        if key not in steps[0]:
+            fail(f"step record lacks '{key}': {steps[0]}")
+    if [r["step"] for r in steps[:3]] != [0, 5, 10]:
+        fail(f"--metrics-every 5 wrote steps {[r['step'] for r in steps[:3]]}")
+    if steps[-1]["step"] != 2 * spe - 1:
+        fail(f"last step record is step {steps[-1]['step']}, expected {2 * spe - 1}")
+    if [e["epoch"] for e in evals] != [0, 1]:
+        fail(f"eval epochs {[e['epoch'] for e in evals]}, expected [0, 1]")
+    for key in ["steps", "elapsed_s", "samples_per_s", "test_accuracy", "param_checksum",
+                "ranks_agree", "dropped_gradients", "catch_ups"]:
+        if key not in s:
+            fail(f"summary lacks '{key}': {s}")
+    if s["ranks_agree"] is not True:
+        fail(f"ranks disagree: {s}")
+    if not s["test_accuracy"] > 0.9:
+        fail(f"synthetic set not learned: test accuracy {s['test_accuracy']}")
+    if steps[0]["participants"] != [0, 1]:
+        fail(f"participants {steps[0]['participants']}")
+
+
+def scenario_determinism():
+    for np in (1, 3):
+        a = summary(train(np, QUICK + ["--steps", "40", "--seed", "5"], f"a{np}"))
+        b = summary(train(np, QUICK + ["--steps", "40", "--seed", "5"], f"b{np}"))
+        c = summary(train(np, QUICK + ["--steps", "40", "--seed", "6"], f"c{np}"))
+        if a["param_checksum"] != b["param_checksum"]:
+            fail(f"np {np}: same seed, different checksums {a['param_checksum']} {b['param_checksum']}")
+        if a["param_checksum"] == c["param_checksum"]:
+            fail(f"np {np}: different seeds gave the same checksum")
+        if not (a["ranks_agree"] and b["ranks_agree"]):
+            fail(f"np {np}: ranks disagree")
+
+
+def scenario_config_file():
+    cfg = os.path.join(TMP, "run.toml")
+    with open(cfg, "w") as f:
+        f.write('data = "synthetic"\nsynthetic-train = 4000\nsynthetic-test = 1000\n'
+                'hidden = [64]\nbatch-size = 32\nlog-level = "warn"\nsteps = 30\nseed = 11\n'
+                'lr = 0.02\n')
+    from_file = summary(train(2, ["--config", cfg], "cfgfile"))
+    from_flags = summary(train(2, QUICK + ["--steps", "30", "--seed", "11", "--lr", "0.02"], "cfgflags"))
+    if from_file["param_checksum"] != from_flags["param_checksum"]:
+        fail("config file and the same flags gave different parameters")
+
+
+def expect_bad_input(np, args, must_mention):
+    p = run(np, args)
+    if p.returncode != 2:
+        fail(f"`resync {' '.join(args)}` exited {p.returncode}, expected 2\n{p.stderr[-2000:]}")
+    ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
+    if len(ours) != 1:
+        fail(f"`resync {' '.join(args)}`: expected one 'resync: error' line, got {ours}\n{p.stderr}")
+    if must_mention.lower() not in ours[0].lower():
+        fail(f"`resync {' '.join(args)}`: error line does not mention '{must_mention}': {ours[0]}")
+
+
+def scenario_bad_input():
+    bad_toml = os.path.join(TMP, "bad.toml")
+    with open(bad_toml, "w") as f:
+        f.write("lr = -3\n")
+    unknown_toml = os.path.join(TMP, "unknown.toml")
+    with open(unknown_toml, "w") as f:
+        f.write("learning_rate = 0.1\n")
+    corrupt = os.path.join(TMP, "corrupt")
+    os.makedirs(corrupt, exist_ok=True)
+    for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+        with open(os.path.join(corrupt, name), "wb") as f:
+            f.write(b"\x00\x00\x08\x03\x00\x00\x00\x05")  # header cut short
+    cases = [
+        (1, ["train", "--lr", "-1"], "--lr"),
+        (1, ["train", "--batch-size", "0"], "--batch-size"),
+        (1, ["train", "--model", "transformer"], "--model"),
+        (1, ["train", "--hidden", "512,0"], "--hidden"),
+        (1, ["train", "--epochs", "many"], "--epochs"),
+        (1, ["train", "--no-such-flag"], "no-such-flag"),
+        (1, ["train", "--log-level", "loud"], "--log-level"),
+        (1, ["train", "--inject-delay", "fixed:1"], "inject-delay"),
+        (1, ["train", "--data", "idx:/nonexistent/dir"], "/nonexistent/dir"),
+        (1, ["train", "--data", "idx:" + corrupt], "corrupt"),
+        (1, ["train", "--config", "/nonexistent.toml"], "nonexistent.toml"),
+        (1, ["train", "--config", bad_toml], "lr"),
+        (1, ["train", "--config", unknown_toml], "learning_rate"),
+        (1, ["train"] + QUICK + ["--metrics", "/nonexistent/dir/m.jsonl"], "--metrics"),
+        (2, ["train"] + QUICK + ["--backup-workers", "2"], "--backup-workers"),
+        (2, ["train"] + QUICK + ["--min-quorum", "3"], "--min-quorum"),
+        (2, ["train"] + QUICK + ["--inject-delay", "fixed:5:10"], "rank 5"),
+        (2, ["train"] + QUICK + ["--batch-size", "5000"], "--batch-size"),
+    ]
+    for np, args, mention in cases:
+        expect_bad_input(np, args, mention)
+
+
+def scenario_fashion_mnist():
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        print("SKIP: Debian dataset-fashion-mnist is not installed")
+        sys.exit(77)
+    rows = train(2, ["--steps", "300", "--log-level", "warn"], "fmnist", timeout=300)
+    s = summary(rows)
+    if not s["test_accuracy"] > 0.75:
+        fail(f"Fashion-MNIST after 300 steps: test accuracy {s['test_accuracy']} <= 0.75")
+    if not s["ranks_agree"]:
+        fail("ranks disagree")
+
+
+globals()["scenario_" + SCENARIO]()
+print(f"PASS [{SCENARIO}]")
