@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "base/error.h"
+#include "models/cnn.h"
 #include "models/mlp.h"
 
 namespace resync::models {
@@ -18,6 +19,7 @@ struct Registered {
 };
 constexpr Registered kModels[] = {
     {"mlp", &build_mlp},
+    {"cnn", &build_cnn},
 };
 
 }  // namespace

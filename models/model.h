@@ -78,7 +78,7 @@ class Model {
   std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
 };
 
-// Builds a registered model ("mlp"; see model_names()). An unknown name or a bad spec (zero
+// Builds a registered model ("mlp", "cnn"; see model_names()). An unknown name or a bad spec (zero
 // sizes, empty or zero hidden widths) or max_batch == 0 throws InvalidArgument.
 std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed);
 

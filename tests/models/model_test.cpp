@@ -45,7 +45,7 @@ TEST(Mlp, DescribeAndRegistry) {
   EXPECT_EQ(model->grads().size(), model->n_params());
   EXPECT_EQ(model->input_size(), 784u);
   EXPECT_EQ(model->n_classes(), 10u);
-  EXPECT_EQ(model_names(), std::vector<std::string>{"mlp"});
+  EXPECT_EQ(model_names(), (std::vector<std::string>{"mlp", "cnn"}));
 }
 
 TEST(Mlp, RejectsBadSpecs) {
