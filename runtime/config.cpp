@@ -48,6 +48,7 @@ CLI::Validator inject_delay_validator() {
 
 void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.set_config("--config", "", "Read flags from a TOML file (keys are the long flag names)");
+  app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key is an error
 
   app.add_option("--model", cfg.model, "Model: mlp")
       ->capture_default_str()

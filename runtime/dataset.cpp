@@ -92,7 +92,7 @@ Dataset make_synthetic(size_t n_samples, uint64_t seed, uint64_t stream) {
     const float contrast = 0.5f + 0.5f * static_cast<float>(rng.uniform());
     uint8_t* out = d.pixels.data() + i * features;
     for (size_t f = 0; f < features; ++f) {
-      float v = contrast * proto[f] + 0.35f * static_cast<float>(rng.normal());
+      float v = contrast * proto[f] + 1.0f * static_cast<float>(rng.normal());
       v = std::clamp(v, 0.0f, 1.0f);
       out[f] = static_cast<uint8_t>(v * 255.0f + 0.5f);
     }

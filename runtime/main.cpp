@@ -56,15 +56,21 @@ void print_error(int rank, const std::string& what) {
 
 int main(int argc, char** argv) {
   restart_with_fast_blas_if_needed(argv);
-  CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring"};
-  app.require_subcommand(1);
+  // Each subcommand is its own CLI11 app, so that a --config TOML file holds plain top-level
+  // keys (CLI11 reads a subcommand's keys only from a [section]).
+  const std::string command = argc >= 2 ? argv[1] : "";
   resync::runtime::TrainConfig cfg;
-  CLI::App* train = app.add_subcommand("train", "Train a model (run under mpirun or srun)");
-  resync::runtime::declare_train_flags(*train, cfg);
-  CLI::App* info = app.add_subcommand("info", "Print the build: MPI, BLAS, spdlog, CUDA");
-
+  CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring.\n"
+               "Commands: train (under mpirun or srun), info. See 'resync train --help'."};
+  app.name(command == "train" || command == "info" ? "resync " + command : "resync");
+  if (command == "train") {
+    resync::runtime::declare_train_flags(app, cfg);
+  } else if (command != "info") {
+    app.add_option("command", "train or info")->required()->check(CLI::IsMember({"train", "info"}));
+  }
   try {
-    app.parse(argc, argv);
+    const bool subcommand = command == "train" || command == "info";
+    app.parse(subcommand ? argc - 1 : argc, subcommand ? argv + 1 : argv);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
@@ -76,7 +82,7 @@ int main(int argc, char** argv) {
 
   int rank = -1;
   try {
-    if (info->parsed()) {
+    if (command == "info") {
       resync::collectives::MpiSession mpi(&argc, &argv);
       if (mpi.rank() == 0) std::fputs(resync::runtime::build_info(mpi).c_str(), stdout);
       return kExitOk;

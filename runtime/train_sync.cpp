@@ -242,7 +242,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
 
   uint64_t step = 0;
   bool stop = false;
-  while (step < s.total_steps && !stop) {
+  bool final_round_done = false;  // a late rank may be caught up by the final round itself
+  while (step < s.total_steps && !stop && !final_round_done) {
     StepRecord rec;
     rec.step = step;
     rec.epoch = s.sampler.epoch_of(step);
@@ -263,6 +264,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     rec.wait_ms = ms_since(t_wait);
     if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
       step = catch_up(order, step);
+      final_round_done = order.final_round;
       maybe_evaluate(step, rec.loss);
       continue;
     }
@@ -286,12 +288,14 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   }
 
   // Final round: every rank ends with the same state (late ranks are caught up once more).
-  const collectives::StepOrder final_order = control->finish(step);
-  if (final_order.kind == collectives::OrderKind::kCatchUp) {
-    step = catch_up(final_order, step);
-  } else {
-    StepRecord ignored;
-    serve_catchups(final_order, ignored);
+  if (!final_round_done) {
+    const collectives::StepOrder final_order = control->finish(step);
+    if (final_order.kind == collectives::OrderKind::kCatchUp) {
+      step = catch_up(final_order, step);
+    } else {
+      StepRecord ignored;
+      serve_catchups(final_order, ignored);
+    }
   }
   maybe_evaluate(step, 0);
 

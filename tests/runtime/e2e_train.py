@@ -159,5 +159,54 @@ def scenario_fashion_mnist():
         fail("ranks disagree")
 
 
+def steps_of(rows):
+    return [r for r in rows if r["event"] == "step"]
+
+
+def scenario_backup_workers():
+    # A rank that is always slow is left out of every step and caught up; odd rank counts too.
+    for np, slow in ((3, 2), (5, 1)):
+        rows = train(np, QUICK + ["--steps", "80", "--backup-workers", "1",
+                                  "--inject-delay", f"fixed:{slow}:40"], f"bw{np}")
+        s = summary(rows)
+        if not s["ranks_agree"]:
+            fail(f"np {np}: ranks disagree after catch-ups: {s}")
+        steps = steps_of(rows)
+        others = [r for r in range(np) if r != slow]
+        left_out = [r for r in steps if r["participants"] == others and r["dropped"] == [slow]]
+        if len(left_out) < len(steps) // 2:
+            fail(f"np {np}: slow rank {slow} was left out of only {len(left_out)} of {len(steps)} steps")
+        if s["catch_ups"] < 1 or s["dropped_gradients"] < 1:
+            fail(f"np {np}: no catch-ups/drops recorded: {s}")
+        if any(len(r["participants"]) != np - 1 for r in steps):
+            fail(f"np {np}: a step closed with other than W-b participants")
+        if not s["test_accuracy"] > 0.8:
+            fail(f"np {np}: accuracy {s['test_accuracy']} with a dropped straggler")
+
+
+def scenario_straggler_timeout():
+    rows = train(3, QUICK + ["--steps", "20", "--straggler-timeout-ms", "15",
+                             "--inject-delay", "fixed:1:120"], "timeout")
+    s = summary(rows)
+    steps = steps_of(rows)
+    if not s["ranks_agree"]:
+        fail(f"ranks disagree: {s}")
+    timed = [r for r in steps if r["participants"] == [0, 2]]
+    if len(timed) < len(steps) // 2:
+        fail(f"timeout closed only {len(timed)} of {len(steps)} steps without rank 1")
+    if max(r["wait_ms"] for r in steps) > 110:
+        fail(f"a step waited {max(r['wait_ms'] for r in steps)} ms despite a 15 ms timeout")
+
+
+def scenario_plain_sync_unchanged_by_delays():
+    # b = 0 and no timeout: a straggler only slows the job down, the result bits are the same.
+    a = summary(train(3, QUICK + ["--steps", "20"], "plain"))
+    b = summary(train(3, QUICK + ["--steps", "20", "--inject-delay", "fixed:1:15"], "plain_slow"))
+    if a["param_checksum"] != b["param_checksum"]:
+        fail("plain sync with an injected straggler changed the parameters")
+    if b["dropped_gradients"] != 0 or b["catch_ups"] != 0:
+        fail(f"plain sync dropped gradients: {b}")
+
+
 globals()["scenario_" + SCENARIO]()
 print(f"PASS [{SCENARIO}]")
