@@ -100,9 +100,9 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(CLI::Range(0.0, 3.6e6));
   app.add_option("--min-quorum", cfg.min_quorum,
-                 "Fewest ranks a timed-out step may close with (0 = 1)")
+                 "Fewest ranks a timed-out step may close with")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 20));
+      ->check(CLI::Range(1, 1 << 20));
   app.add_option("--stall-warning-s", cfg.stall_warning_s,
                  "Log the missing ranks when no step closes for this long")
       ->capture_default_str()

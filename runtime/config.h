@@ -32,12 +32,12 @@ struct TrainConfig {
   // Straggler tolerance (see DESIGN.md, "The synchronous step").
   int backup_workers = 0;
   double straggler_timeout_ms = 0;  // 0 = no timeout
-  int min_quorum = 0;               // 0 = 1 (a timeout closes the step with whoever is ready)
+  int min_quorum = 1;  // fewest ranks a timed-out step may close with
   double stall_warning_s = 60;
   double stall_abort_s = 0;  // 0 = never abort
   std::string inject_delay = "none";
   // Collectives.
-  size_t segment_kib = 64;
+  size_t segment_kib = 512;
   // Outputs.
   std::string metrics;  // JSON Lines file written by rank 0; empty = none
   size_t metrics_every = 1;

@@ -15,6 +15,7 @@
 #include "collectives/mpi_session.h"
 #include "collectives/world.h"
 #include "kernels/gemm.h"
+#include "runtime/bench.h"
 #include "runtime/config.h"
 #include "runtime/info.h"
 #include "runtime/train.h"
@@ -59,14 +60,17 @@ int main(int argc, char** argv) {
   // Each subcommand is its own CLI11 app, so that a --config TOML file holds plain top-level
   // keys (CLI11 reads a subcommand's keys only from a [section]).
   const std::string command = argc >= 2 ? argv[1] : "";
+  if (command == "bench") return resync::runtime::bench_main(argc - 1, argv + 1);
   resync::runtime::TrainConfig cfg;
   CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring.\n"
-               "Commands: train (under mpirun or srun), info. See 'resync train --help'."};
+               "Commands: train (under mpirun or srun), bench, info. See 'resync train --help'."};
   app.name(command == "train" || command == "info" ? "resync " + command : "resync");
   if (command == "train") {
     resync::runtime::declare_train_flags(app, cfg);
   } else if (command != "info") {
-    app.add_option("command", "train or info")->required()->check(CLI::IsMember({"train", "info"}));
+    app.add_option("command", "train, bench or info")
+        ->required()
+        ->check(CLI::IsMember({"train", "bench", "info"}));
   }
   try {
     const bool subcommand = command == "train" || command == "info";

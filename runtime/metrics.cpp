@@ -39,9 +39,11 @@ void MetricsWriter::write_line(const std::string& line) {
 void MetricsWriter::step(const StepRecord& r) {
   write_line(fmt::format(
       R"({{"event":"step","step":{},"epoch":{},"loss":{},"step_ms":{},"compute_ms":{},)"
-      R"("wait_ms":{},"comm_ms":{},"delay_ms":{},"participants":{},"dropped":{},"late":{}}})",
+      R"("wait_ms":{},"comm_ms":{},"delay_ms":{},"elapsed_s":{},"participants":{},"dropped":{},)"
+      R"("late":{}}})",
       r.step, r.epoch, num(r.loss), num(r.step_ms), num(r.compute_ms), num(r.wait_ms),
-      num(r.comm_ms), num(r.delay_ms), ranks(r.participants), ranks(r.dropped), ranks(r.late)));
+      num(r.comm_ms), num(r.delay_ms), num(r.elapsed_s), ranks(r.participants), ranks(r.dropped),
+      ranks(r.late)));
 }
 
 void MetricsWriter::eval(const EvalRecord& r) {

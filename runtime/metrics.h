@@ -19,6 +19,7 @@ struct StepRecord {
   double wait_ms = 0;     // waiting for the step's PLAN
   double comm_ms = 0;     // ring all-reduce + state transfers
   double delay_ms = 0;    // injected straggler delay on rank 0
+  double elapsed_s = 0;   // since training started, at the end of this step
   std::vector<int> participants;
   std::vector<int> dropped;  // ranks whose gradient for this step was dropped
   std::vector<int> late;     // ranks that caught up after this step

@@ -265,6 +265,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
       step = catch_up(order, step);
       final_round_done = order.final_round;
+      stop = order.stop;
       maybe_evaluate(step, rec.loss);
       continue;
     }
@@ -279,6 +280,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     rec.participants = order.participants;
     rec.dropped = complement(order.participants, world);
     rec.step_ms = ms_since(t0);
+    rec.elapsed_s = ms_since(start) / 1000.0;
     if (rank == 0 && (step % cfg.metrics_every == 0 || step + 1 == s.total_steps)) {
       s.metrics.step(rec);
     }

@@ -1,0 +1,135 @@
+// The step coordinator's decision logic: given READY/FINISH arrivals and a clock, decides when a
+// step closes, who takes part, who catches up from whom, when to warn about a stall or abort.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace resync::collectives {
+
+// The coordinator never reads a clock itself: every event carries `now`, so tests drive it with
+// a fake clock and the event loops (TCP server, in-process hub) pass steady_clock::now().
+using CoordClock = std::chrono::steady_clock;
+using CoordTime = CoordClock::time_point;
+
+// The knobs of the straggler-tolerant step, as given on the command line.
+struct CoordinatorConfig {
+  int world_size = 1;                // W
+  int backup_workers = 0;            // b: a step closes when W - b ranks are ready
+  int64_t straggler_timeout_ms = 0;  // close this long after the first READY if quorum; 0 = never
+  int min_quorum = 1;                // ready ranks needed for a timeout close (0 acts as 1)
+  double stall_warning_s = 60.0;     // warn (and repeat) when no step closed for this long; 0 = off
+  double stall_abort_s = 0.0;        // abort the job when no step closed for this long; 0 = off
+
+  // Throws resync::InvalidArgument naming the offending flag (--backup-workers,
+  // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s).
+  void validate() const;
+  // Gradients per step when every rank is responsive: W - b.
+  int step_quorum() const { return world_size - backup_workers; }
+};
+
+// A late rank and the participant that sends it its full state after the closing step.
+struct CatchUp {
+  int late_rank = -1;
+  int donor_rank = -1;
+  bool operator==(const CatchUp&) const = default;
+};
+
+// The coordinator closed a round: a training step, or the final round at the end of training.
+struct ClosedRound {
+  uint64_t step = 0;
+  bool final_round = false;       // FINISH round: no all-reduce, only catch-ups
+  bool stop = false;              // a rank asked to stop: every rank ends after this round
+  bool timed_out = false;         // closed by the straggler timeout, not by the W - b count
+  std::vector<int> participants;  // sorted; their gradients (if any) make the step
+  std::vector<CatchUp> catchups;  // sorted by late rank; donors are participants
+};
+
+// No round closed for a while: these ranks have not reported for the open step.
+struct StallReport {
+  uint64_t step = 0;
+  double stalled_s = 0.0;        // seconds since the last close (or since start)
+  std::vector<int> missing;      // ranks neither ready, finished nor queued as late
+  std::vector<int> late_queued;  // ranks waiting to be caught up at the next close
+};
+
+// What the event loop must do after an event. Usually empty.
+struct Decisions {
+  std::vector<ClosedRound> closed;   // in order; send PLAN to participants, CATCHUP to late ranks
+  std::optional<StallReport> stall;  // log it (rank 0, coll logger)
+  std::optional<std::string> abort;  // send ABORT{reason} to every rank; the job is over
+  bool empty() const { return closed.empty() && !stall && !abort; }
+};
+
+// Pure, single-threaded state machine of the synchronous step protocol (see DESIGN.md,
+// "The synchronous step"). Not thread-safe: its owner serialises the events.
+//
+// Closing rule for the open step t: close when min(W - b, W - |late queue|) ranks sent READY(t)
+// (ranks queued as late cannot send READY(t) before a close catches them up, so waiting for
+// them would deadlock), or when straggler_timeout_ms passed since the first READY(t) and at
+// least min_quorum ranks are ready. The final round closes when every rank has sent FINISH(T)
+// or is queued as late. After a close or an abort, events about a finished job are ignored.
+class Coordinator {
+ public:
+  // Validates `config`; `now` starts the stall clock (all ranks are connected).
+  Coordinator(const CoordinatorConfig& config, CoordTime now);
+
+  // Rank `rank` computed its gradient for `step` and waits for its order.
+  Decisions ready(int rank, uint64_t step, CoordTime now);
+  // Rank `rank` finished training after `n_steps` steps and waits for its final order.
+  Decisions finish(int rank, uint64_t n_steps, CoordTime now);
+  // The control connection of `rank` closed before its final order: that rank died. `host`
+  // (may be empty) only decorates the reason.
+  Decisions connection_lost(int rank, CoordTime now, const std::string& host = "");
+  // A rank asks that all ranks stop at the next round boundary (preemption).
+  Decisions stop_requested(int rank, CoordTime now);
+  // Time passed: fires due timeouts, stall warnings and stall aborts.
+  Decisions tick(CoordTime now);
+
+  // When tick() next has something to do, if ever. The event loop sleeps until then.
+  std::optional<CoordTime> next_deadline() const;
+
+  // The step READY messages are collected for (the next one to close).
+  uint64_t open_step() const { return open_step_; }
+  bool finished() const { return finished_; }
+  bool aborted() const { return aborted_; }
+  const CoordinatorConfig& config() const { return config_; }
+
+ private:
+  enum class RankState { kWorking, kReady, kFinishing, kLate, kDone };
+
+  void advance(CoordTime now, Decisions& out);
+  void maybe_close(Decisions& out);
+  void close_round(bool timed_out, Decisions& out);
+  void abort_job(std::string reason, Decisions& out);
+  // Checks the rank is in range (else InvalidArgument); false once the job is over.
+  bool accepting(int rank, const char* event) const;
+  std::optional<CoordTime> timeout_deadline() const;
+  CoordTime stall_warning_deadline() const;
+  std::vector<int> ranks_in(RankState state) const;
+
+  CoordinatorConfig config_;
+  std::chrono::nanoseconds straggler_timeout_;
+  std::chrono::nanoseconds stall_warning_;
+  std::chrono::nanoseconds stall_abort_;
+
+  std::vector<RankState> state_;
+  std::vector<uint64_t> next_step_;  // lowest step each rank may report next
+  std::vector<int> ready_;           // READY(open_step_) or FINISH, in arrival order
+  std::vector<int> late_;            // late ranks waiting for a close, in arrival order
+  uint64_t open_step_ = 0;
+  bool final_round_ = false;  // FINISH(open_step_) has arrived from someone
+  std::optional<CoordTime> first_ready_;
+  CoordTime last_close_;
+  CoordTime now_;                 // latest time seen; deadlines at or before it are done
+  int64_t n_stall_warnings_ = 0;  // warnings issued since the last close
+  size_t donor_cursor_ = 0;       // round-robin over participants spreads catch-up load
+  bool stop_ = false;
+  bool finished_ = false;
+  bool aborted_ = false;
+};
+
+}  // namespace resync::collectives

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Straggler benchmark: mean and p99 step time of plain sync, sync with one backup worker and sync
+# with a straggler timeout, all under the same injected delays (one random rank per step sleeps a
+# heavy-tailed time), next to the no-delay baseline -- from one invocation, so the ratios are fair.
+#
+# Usage: scripts/bench/stragglers.sh [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS]
+#   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ranks=4 steps=300 delay="one:lognormal:30:0.8" timeout_ms=10
+while getopts "n:s:d:t:" opt; do
+  case $opt in
+    n) ranks=$OPTARG ;; s) steps=$OPTARG ;; d) delay=$OPTARG ;; t) timeout_ms=$OPTARG ;;
+    *) echo "usage: $0 [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS]" >&2; exit 2 ;;
+  esac
+done
+
+resync=build/default/runtime/resync
+[ -x "$resync" ] || scripts/build.sh default
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+out=$(mktemp -d)
+common=(train --data synthetic --synthetic-train 40000 --hidden 512,512 --batch-size 64
+        --steps "$steps" --log-level warn)
+
+run() {  # name, extra flags...
+  local name=$1; shift
+  mpirun -np "$ranks" --oversubscribe --bind-to none "$resync" "${common[@]}" \
+    --metrics "$out/$name.jsonl" "$@"
+}
+
+run baseline
+run plain --inject-delay "$delay"
+run backup1 --inject-delay "$delay" --backup-workers 1
+run timeout --inject-delay "$delay" --straggler-timeout-ms "$timeout_ms"
+
+python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" <<'PY'
+import json, statistics, sys
+out, ranks, steps, delay, timeout_ms = sys.argv[1:]
+def load(name):
+    rows = [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
+    st = [r for r in rows if r["event"] == "step"][5:]  # skip warm-up
+    return st, rows[-1]
+base_steps, _ = load("baseline")
+base = 1000 * (base_steps[-1]["elapsed_s"] - base_steps[0]["elapsed_s"]) / (
+    base_steps[-1]["step"] - base_steps[0]["step"])
+print(f"{ranks} ranks, {steps} steps, mlp 784-512-512-10, batch 64/rank, --inject-delay {delay}")
+print(f"{'mode':<28}{'mean ms':>10}{'p99 ms':>10}{'x baseline':>12}{'dropped':>10}{'catch-ups':>11}")
+for name, label in [("baseline", "no delay (plain sync)"), ("plain", "plain sync"),
+                    ("backup1", "sync, --backup-workers 1"),
+                    ("timeout", f"sync, timeout {timeout_ms} ms")]:
+    st, summ = load(name)
+    # Wall-clock time per step on rank 0, also across steps it missed while catching up.
+    ms = sorted(1000 * (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+                for a, b in zip(st, st[1:]))
+    mean = 1000 * (st[-1]["elapsed_s"] - st[0]["elapsed_s"]) / (st[-1]["step"] - st[0]["step"])
+    p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+    print(f"{label:<28}{mean:>10.2f}{p99:>10.2f}{mean / base:>12.2f}"
+          f"{summ['dropped_gradients']:>10}{summ['catch_ups']:>11}")
+PY
+rm -rf "$out"
