@@ -70,6 +70,7 @@ def wait_for(predicate, timeout_s, what, job):
 args = [MPIEXEC, "-np", str(NP), "--oversubscribe", "--bind-to", "none", RESYNC, "train",
         "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test", "1000",
         "--hidden", "128", "--batch-size", "32", "--steps", "2500", "--backup-workers", "1",
+        "--ring-timeout-ms", "500",
         "--metrics", METRICS, "--log-level", "warn"]
 job = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
