@@ -7,6 +7,7 @@
 
 #include "collectives/mpi_session.h"
 #include "kernels/gemm.h"
+#include "runtime/device_info.h"
 
 #ifndef RESYNC_VERSION
 #define RESYNC_VERSION "unknown"
@@ -25,7 +26,7 @@ std::string build_info(const collectives::MpiSession& mpi) {
                      FMT_VERSION % 100);
   out += fmt::format("CLI11:   {}\n", CLI11_VERSION);
   out += fmt::format("zlib:    {}\n", zlibVersion());
-  out += "CUDA:    not built\n";
+  out += cuda_info() + "\n";
   return out;
 }
 
