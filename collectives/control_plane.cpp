@@ -27,6 +27,7 @@ std::vector<int> StepOrder::late_ranks_served_by(int rank) const {
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
   StepOrder common;
   common.step = round.step;
+  common.attempt = round.attempt;
   common.final_round = round.final_round;
   common.stop = round.stop;
   common.timed_out = round.timed_out;
@@ -38,6 +39,9 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
   orders.reserve(round.participants.size() + round.catchups.size());
   for (int rank : round.participants) orders.emplace_back(rank, common);
   for (const CatchUp& c : round.catchups) {
+    if (std::binary_search(round.ordered_before.begin(), round.ordered_before.end(), c.late_rank)) {
+      continue;  // still holds its order from the earlier attempt, same step and donor
+    }
     StepOrder order = common;
     order.kind = OrderKind::kCatchUp;
     order.donor = c.donor_rank;
@@ -185,6 +189,7 @@ constexpr uint8_t kFlagTimedOut = 4;
 void write_order(Writer& w, const StepOrder& o) {
   w.u8(static_cast<uint8_t>(o.kind));
   w.u64(o.step);
+  w.u32(o.attempt);
   w.u8(static_cast<uint8_t>((o.final_round ? kFlagFinal : 0) | (o.stop ? kFlagStop : 0) |
                             (o.timed_out ? kFlagTimedOut : 0)));
   w.u32(static_cast<uint32_t>(o.donor));
@@ -206,6 +211,7 @@ StepOrder read_order(Reader& r) {
   }
   o.kind = static_cast<OrderKind>(kind);
   o.step = r.u64();
+  o.attempt = r.u32();
   const uint8_t flags = r.u8();
   o.final_round = (flags & kFlagFinal) != 0;
   o.stop = (flags & kFlagStop) != 0;
@@ -242,6 +248,8 @@ void append_frame(const Message& msg, std::vector<uint8_t>& out) {
       break;
     case MsgType::kReady:
     case MsgType::kFinish:
+    case MsgType::kBusy:
+    case MsgType::kFailed:
       w.u64(msg.step);
       break;
     case MsgType::kWelcome:
@@ -292,6 +300,8 @@ size_t decode_frame(std::span<const uint8_t> bytes, size_t max_body_bytes, Messa
     }
     case static_cast<uint8_t>(MsgType::kReady):
     case static_cast<uint8_t>(MsgType::kFinish):
+    case static_cast<uint8_t>(MsgType::kBusy):
+    case static_cast<uint8_t>(MsgType::kFailed):
       msg.step = r.u64();
       break;
     case static_cast<uint8_t>(MsgType::kWelcome):
@@ -330,9 +340,16 @@ struct LocalHubState {
     if (d.empty()) return;
     auto log = log::get("coll");
     for (const ClosedRound& round : d.closed) {
-      log->debug("control: {} {} closed: participants {}, catch-ups {}",
-                 round.final_round ? "final round" : "step", round.step, round.participants,
-                 round.catchups.size());
+      if (round.attempt > 0) {
+        log->warn(
+            "control: step {} re-closed after a failed all-reduce (attempt {}): "
+            "participants {}, catch-ups {}",
+            round.step, round.attempt, round.participants, round.catchups.size());
+      } else {
+        log->debug("control: {} {} closed: participants {}, catch-ups {}",
+                   round.final_round ? "final round" : "step", round.step, round.participants,
+                   round.catchups.size());
+      }
       for (auto& [rank, order] : orders_for(round)) {
         mailbox[static_cast<size_t>(rank)] = std::move(order);
       }
@@ -368,7 +385,19 @@ struct LocalHubState {
 
 namespace {
 
-enum class Report { kReady, kFinish };
+enum class Report { kReady, kFinish, kFailed };
+
+const char* report_name(Report report) {
+  switch (report) {
+    case Report::kReady:
+      return "READY";
+    case Report::kFinish:
+      return "FINISH";
+    case Report::kFailed:
+      return "FAILED";
+  }
+  return "?";
+}
 
 class LocalChannel final : public ControlChannel {
  public:
@@ -382,6 +411,25 @@ class LocalChannel final : public ControlChannel {
 
   StepOrder ready(uint64_t step) override { return exchange(Report::kReady, step); }
   StepOrder finish(uint64_t n_steps) override { return exchange(Report::kFinish, n_steps); }
+  StepOrder failed(uint64_t step) override { return exchange(Report::kFailed, step); }
+
+  std::optional<StepOrder> busy(uint64_t step, std::chrono::nanoseconds max_wait) override {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    check_open("BUSY");
+    check_abort();
+    auto& slot = state_->mailbox[static_cast<size_t>(rank_)];
+    if (!slot) {
+      state_->apply(state_->coordinator.busy(rank_, step, CoordClock::now()));
+      state_->orders_cv.wait_for(lock, max_wait,
+                                 [&] { return slot.has_value() || state_->abort_reason; });
+    }
+    if (!slot) {
+      check_abort();
+      answered_busy_ = false;
+      return std::nullopt;
+    }
+    return take(slot);
+  }
 
   void request_stop() override {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -393,27 +441,48 @@ class LocalChannel final : public ControlChannel {
 
  private:
   StepOrder exchange(Report report, uint64_t step) {
-    const char* what = report == Report::kReady ? "READY" : "FINISH";
+    const char* what = report_name(report);
     std::unique_lock<std::mutex> lock(state_->mu);
+    check_open(what);
+    auto& slot = state_->mailbox[static_cast<size_t>(rank_)];
+    // Only the answer to a BUSY whose wait ran out may be waiting already.
+    RESYNC_CHECK(!slot || (report == Report::kReady && !answered_busy_),
+                 fmt::format("rank {}: an order arrived before {}", rank_, what));
+    if (!slot) check_abort();
+    const auto now = CoordClock::now();
+    // Reported even when the answer is there, as over TCP; the coordinator ignores it then.
+    switch (report) {
+      case Report::kReady:
+        state_->apply(state_->coordinator.ready(rank_, step, now));
+        break;
+      case Report::kFinish:
+        state_->apply(state_->coordinator.finish(rank_, step, now));
+        break;
+      case Report::kFailed:
+        state_->apply(state_->coordinator.failed(rank_, step, now));
+        break;
+    }
+    state_->orders_cv.wait(lock, [&] { return slot.has_value() || state_->abort_reason; });
+    // An order decided before an abort is delivered first, as over TCP where it precedes it.
+    if (!slot) check_abort();
+    return take(slot);
+  }
+
+  StepOrder take(std::optional<StepOrder>& slot) {
+    StepOrder order = std::move(*slot);
+    slot.reset();
+    answered_busy_ = true;
+    if (order.final_round) done_ = true;
+    return order;
+  }
+
+  void check_open(const char* what) const {
     if (done_) {
       throw CommError(
           fmt::format("rank {}: {} after the final order: the control channel is "
                       "closed",
                       rank_, what));
     }
-    check_abort();
-    auto& slot = state_->mailbox[static_cast<size_t>(rank_)];
-    RESYNC_CHECK(!slot, fmt::format("rank {}: an order arrived before {}", rank_, what));
-    const auto now = CoordClock::now();
-    state_->apply(report == Report::kReady ? state_->coordinator.ready(rank_, step, now)
-                                           : state_->coordinator.finish(rank_, step, now));
-    state_->orders_cv.wait(lock, [&] { return slot.has_value() || state_->abort_reason; });
-    // An order decided before an abort is delivered first, as over TCP where it precedes it.
-    if (!slot) check_abort();
-    StepOrder order = std::move(*slot);
-    slot.reset();
-    if (order.final_round) done_ = true;
-    return order;
   }
 
   void check_abort() const {
@@ -426,6 +495,8 @@ class LocalChannel final : public ControlChannel {
   std::shared_ptr<detail::LocalHubState> state_;
   int rank_;
   bool done_ = false;  // guarded by state_->mu
+  // False between a BUSY whose wait ran out and the next order: that order may arrive early.
+  bool answered_busy_ = true;  // guarded by state_->mu
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -32,12 +33,17 @@ enum class OrderKind : uint8_t {
 // late ranks; training is over. `stop` (on kParticipate and kCatchUp alike): after this round
 // and its catch-ups, call finish(step + 1) instead of training on.
 //
+// Repair: a round may come again for the same step with `attempt` + 1 (after FAILED), naming the
+// ranks that retry the all-reduce. Ring messages use sequence step * 16 + attempt, so a retry
+// never matches messages of the abandoned attempt.
+//
 // Note: ready() itself can return the final order (kCatchUp, final_round) when this rank's
 // last READY came late and the others had already finished: receive the state and end
 // training, without calling finish().
 struct StepOrder {
   OrderKind kind = OrderKind::kParticipate;
   uint64_t step = 0;
+  uint32_t attempt = 0;  // re-closes of `step` before this one (ClosedRound::attempt)
   bool final_round = false;
   bool stop = false;
   bool timed_out = false;         // the step closed by the straggler timeout (for metrics/logs)
@@ -51,7 +57,7 @@ struct StepOrder {
 };
 
 // The orders a closed round sends, as (rank, order): one per participant (kParticipate) and one
-// per late rank (kCatchUp), ascending by rank.
+// per late rank (kCatchUp) except those in round.ordered_before, ascending by rank.
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round);
 
 // One rank's end of the control plane. The training thread is its only user, except
@@ -65,6 +71,16 @@ class ControlChannel {
   // resync::CommError with the coordinator's reason if the job was aborted, or if the
   // coordinator is gone.
   virtual StepOrder ready(uint64_t step) = 0;
+  // During a long delay in computing `step` (this rank is slow but awake): reports BUSY(step)
+  // and waits up to `max_wait` (in the kernel) for an order. Returns it if one came: a kCatchUp
+  // when `step` closed without this rank (its gradient is no longer needed), possibly the final
+  // order. Returns nullopt when the wait ran out: finish computing and call ready(step) as usual
+  // (an order that arrives meanwhile is what ready(step) then returns). Errors as ready().
+  virtual std::optional<StepOrder> busy(uint64_t step, std::chrono::nanoseconds max_wait) = 0;
+  // After the all-reduce of the order for `step`, or the catch-up receive of a kCatchUp for
+  // `step`, timed out: reports FAILED(step) and blocks like ready() for the next order: a
+  // re-close of `step` (kParticipate, attempt + 1) or a kCatchUp. Errors as ready().
+  virtual StepOrder failed(uint64_t step) = 0;
   // After the last step (`n_steps` = T, or step + 1 after a `stop` order): reports FINISH and
   // blocks until the final order (final_round = true). Errors as ready().
   virtual StepOrder finish(uint64_t n_steps) = 0;
@@ -98,10 +114,12 @@ enum class MsgType : uint8_t {
   kStop = 5,     // client -> server: stop at the next boundary
   kOrder = 6,    // server -> client: a StepOrder (PLAN or CATCHUP)
   kAbort = 7,    // server -> client: the job is over, with the reason
+  kBusy = 8,     // client -> server: step
+  kFailed = 9,   // client -> server: step
 };
 
 inline constexpr uint32_t kMagic = 0x52535943;  // "RSYC"
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;         // 2: BUSY, FAILED, StepOrder::attempt
 inline constexpr size_t kFrameHeaderBytes = 4;
 inline constexpr size_t kMaxFrameBytes = size_t{4} << 20;  // a PLAN for ~500k ranks
 inline constexpr size_t kMaxHelloBytes = 1024;             // what an unknown peer may send
@@ -110,7 +128,7 @@ struct Message {
   MsgType type = MsgType::kReady;
   JobToken token;     // kHello
   int rank = -1;      // kHello
-  uint64_t step = 0;  // kReady, kFinish
+  uint64_t step = 0;  // kReady, kFinish, kBusy, kFailed
   std::string text;   // kHello: host name; kAbort: reason
   StepOrder order;    // kOrder
 };

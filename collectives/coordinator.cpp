@@ -47,6 +47,10 @@ void CoordinatorConfig::validate() const {
   RESYNC_CHECK_ARG(min_quorum <= world_size,
                    fmt::format("--min-quorum ({}) must not exceed the number of ranks ({})",
                                min_quorum, world_size));
+  RESYNC_CHECK_ARG(repair_window_ms >= 1 && repair_window_ms <= kMaxTimeoutMs,
+                   fmt::format("--ring-timeout-ms (the repair window) must be >= 1, at most {}; "
+                               "got {}",
+                               kMaxTimeoutMs, repair_window_ms));
   check_seconds(stall_warning_s, "--stall-warning-s");
   check_seconds(stall_abort_s, "--stall-abort-s");
 }
@@ -56,9 +60,12 @@ Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : confi
   straggler_timeout_ = std::chrono::milliseconds(config_.straggler_timeout_ms);
   stall_warning_ = seconds_to_ns(config_.stall_warning_s);
   stall_abort_ = seconds_to_ns(config_.stall_abort_s);
+  repair_window_ = std::chrono::milliseconds(config_.repair_window_ms);
   const auto w = static_cast<size_t>(config_.world_size);
   state_.assign(w, RankState::kWorking);
   next_step_.assign(w, 0);
+  busy_step_.assign(w, kNoStep);
+  superseded_.assign(w, false);
   ready_.reserve(w);
   late_.reserve(w);
   last_close_ = now;
@@ -72,6 +79,66 @@ bool Coordinator::accepting(int rank, const char* event) const {
   return !finished_ && !aborted_;
 }
 
+bool Coordinator::check_report(int rank, uint64_t step, const char* what, Decisions& out) {
+  const auto r = static_cast<size_t>(rank);
+  if (state_[r] != RankState::kWorking) {
+    abort_job(fmt::format("protocol violation: rank {} sent {}({}) while it was already "
+                          "waiting for an order",
+                          rank, what, step),
+              out);
+    return false;
+  }
+  if (step < next_step_[r] || step > open_step_) {
+    abort_job(fmt::format("protocol violation: rank {} sent {}({}), expected a step in "
+                          "[{}, {}]",
+                          rank, what, step, next_step_[r], open_step_),
+              out);
+    return false;
+  }
+  if (final_round_ && step == open_step_) {
+    abort_job(fmt::format("rank {} sent {}({}) but other ranks finished training after {} "
+                          "steps: the ranks disagree on the number of steps",
+                          rank, what, step, open_step_),
+              out);
+    return false;
+  }
+  return true;
+}
+
+bool Coordinator::stale_report(int rank, uint64_t step) const {
+  const auto r = static_cast<size_t>(rank);
+  if (busy_step_[r] != step) return false;
+  // After BUSY(step) the rank may send BUSY/READY(step) again before it sees the order that
+  // answers the BUSY: queued as late for it, or already caught up past it.
+  return state_[r] == RankState::kLate ||
+         (state_[r] == RankState::kWorking && next_step_[r] > step);
+}
+
+bool Coordinator::in_last_round(int rank) const {
+  if (!last_round_) return false;
+  const auto& p = last_round_->participants;
+  if (std::binary_search(p.begin(), p.end(), rank)) return true;
+  return std::any_of(last_round_->catchups.begin(), last_round_->catchups.end(),
+                     [rank](const CatchUp& c) { return c.late_rank == rank; });
+}
+
+void Coordinator::note_progress(int rank, uint64_t step) {
+  if (!last_round_ || step != last_round_->step + 1) return;
+  if (superseded_[static_cast<size_t>(rank)] || !in_last_round(rank)) return;
+  // This rank holds the result of the last attempt, so it completed: ranks that reported it
+  // failed only lost their part and are caught up like late ranks.
+  last_round_completed_ = true;
+  repair_deadline_.reset();
+  for (int failed_rank : ranks_in(RankState::kFailed)) make_late(failed_rank);
+}
+
+void Coordinator::make_late(int rank) {
+  const auto r = static_cast<size_t>(rank);
+  state_[r] = RankState::kLate;
+  superseded_[r] = false;
+  late_.push_back(rank);
+}
+
 Decisions Coordinator::ready(int rank, uint64_t step, CoordTime now) {
   Decisions out;
   if (!accepting(rank, "READY")) return out;
@@ -79,37 +146,89 @@ Decisions Coordinator::ready(int rank, uint64_t step, CoordTime now) {
   if (finished_ || aborted_) return out;
 
   const auto r = static_cast<size_t>(rank);
-  if (state_[r] != RankState::kWorking) {
-    abort_job(fmt::format("protocol violation: rank {} sent READY({}) while it was already "
-                          "waiting for an order",
-                          rank, step),
-              out);
+  const bool stale = stale_report(rank, step);
+  busy_step_[r] = kNoStep;
+  if (stale) return out;
+  if (state_[r] == RankState::kBusy && step == open_step_) {
+    // Its BUSY wait ran out before the step closed: an ordinary participant after all.
+  } else if (!check_report(rank, step, "READY", out)) {
     return out;
   }
-  if (step < next_step_[r] || step > open_step_) {
-    abort_job(fmt::format("protocol violation: rank {} sent READY({}), expected a step in "
-                          "[{}, {}]",
-                          rank, step, next_step_[r], open_step_),
-              out);
-    return out;
-  }
-  if (final_round_ && step == open_step_) {
-    abort_job(fmt::format("rank {} sent READY({}) but other ranks finished training after {} "
-                          "steps: the ranks disagree on the number of steps",
-                          rank, step, open_step_),
-              out);
-    return out;
-  }
-  if (step < open_step_) {
-    // Step `step` closed without this rank: its gradient is dropped, a later close catches it up.
-    state_[r] = RankState::kLate;
-    late_.push_back(rank);
+  if (step < open_step_ || superseded_[r]) {
+    // Step `step` closed without this rank (or its state is from an abandoned attempt): its
+    // gradient is dropped, a later close catches it up.
+    make_late(rank);
   } else {
     state_[r] = RankState::kReady;
     ready_.push_back(rank);
     if (!first_ready_) first_ready_ = now_;
+    note_progress(rank, step);
   }
   maybe_close(out);
+  return out;
+}
+
+Decisions Coordinator::busy(int rank, uint64_t step, CoordTime now) {
+  Decisions out;
+  if (!accepting(rank, "BUSY")) return out;
+  advance(now, out);
+  if (finished_ || aborted_) return out;
+
+  const auto r = static_cast<size_t>(rank);
+  if (stale_report(rank, step)) return out;
+  if (state_[r] == RankState::kBusy && busy_step_[r] == step) return out;  // a repeated BUSY
+  busy_step_[r] = kNoStep;
+  if (!check_report(rank, step, "BUSY", out)) return out;
+  busy_step_[r] = step;
+  if (step < open_step_ || superseded_[r]) {
+    make_late(rank);
+  } else if (next_step_[r] != step) {
+    abort_job(fmt::format("protocol violation: rank {} sent BUSY({}) but its next step is {}", rank,
+                          step, next_step_[r]),
+              out);
+    return out;
+  } else {
+    state_[r] = RankState::kBusy;
+    note_progress(rank, step);
+  }
+  maybe_close(out);
+  return out;
+}
+
+Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
+  Decisions out;
+  if (!accepting(rank, "FAILED")) return out;
+  advance(now, out);
+  if (finished_ || aborted_) return out;
+
+  const auto r = static_cast<size_t>(rank);
+  busy_step_[r] = kNoStep;
+  if (state_[r] == RankState::kLate) return out;  // already queued for a catch-up
+  if (state_[r] != RankState::kWorking || next_step_[r] != step + 1) {
+    abort_job(fmt::format("protocol violation: rank {} sent FAILED({}) but it {}", rank, step,
+                          state_[r] != RankState::kWorking
+                              ? std::string("was already waiting for an order")
+                              : fmt::format("was last ordered into round {}",
+                                            static_cast<int64_t>(next_step_[r]) - 1)),
+              out);
+    return out;
+  }
+  const bool participant =
+      last_round_ && step == last_round_->step && !superseded_[r] &&
+      std::binary_search(last_round_->participants.begin(), last_round_->participants.end(), rank);
+  if (!participant || last_round_completed_) {
+    // A failed catch-up receive, a participant of an abandoned attempt, or a participant whose
+    // peers completed: its state is behind, so it is caught up like a late rank.
+    make_late(rank);
+    maybe_close(out);
+    return out;
+  }
+  state_[r] = RankState::kFailed;
+  if (!repair_deadline_) repair_deadline_ = now_ + repair_window_;
+  const bool all_failed =
+      std::all_of(last_round_->participants.begin(), last_round_->participants.end(),
+                  [this](int p) { return state_[static_cast<size_t>(p)] == RankState::kFailed; });
+  if (all_failed) repair(out);  // nobody can complete any more: no need to wait
   return out;
 }
 
@@ -120,6 +239,7 @@ Decisions Coordinator::finish(int rank, uint64_t n_steps, CoordTime now) {
   if (finished_ || aborted_) return out;
 
   const auto r = static_cast<size_t>(rank);
+  busy_step_[r] = kNoStep;
   if (state_[r] != RankState::kWorking) {
     abort_job(fmt::format("protocol violation: rank {} sent FINISH({}) while it was already "
                           "waiting for an order",
@@ -134,19 +254,25 @@ Decisions Coordinator::finish(int rank, uint64_t n_steps, CoordTime now) {
               out);
     return out;
   }
-  if (!final_round_ && !ready_.empty()) {
+  if (!final_round_ && (!ready_.empty() || !ranks_in(RankState::kBusy).empty())) {
     auto early = ready_;
+    for (int busy_rank : ranks_in(RankState::kBusy)) early.push_back(busy_rank);
     std::sort(early.begin(), early.end());
     abort_job(fmt::format("rank {} finished training after {} steps but ranks {} sent "
-                          "READY({}): the ranks disagree on the number of steps",
+                          "READY/BUSY({}): the ranks disagree on the number of steps",
                           rank, n_steps, early, n_steps),
               out);
     return out;
   }
   final_round_ = true;
-  state_[r] = RankState::kFinishing;
-  ready_.push_back(rank);
-  if (!first_ready_) first_ready_ = now_;
+  if (superseded_[r]) {
+    make_late(rank);  // its final state is from an abandoned attempt
+  } else {
+    state_[r] = RankState::kFinishing;
+    ready_.push_back(rank);
+    if (!first_ready_) first_ready_ = now_;
+    note_progress(rank, n_steps);
+  }
   maybe_close(out);
   return out;
 }
@@ -194,6 +320,7 @@ std::optional<CoordTime> Coordinator::next_deadline() const {
   };
   // A timeout already past (quorum missing) waits for the next READY, not for the clock.
   if (auto t = timeout_deadline(); t && *t > now_) consider(*t);
+  if (repair_deadline_) consider(*repair_deadline_);
   if (stall_warning_.count() > 0) consider(stall_warning_deadline());
   if (stall_abort_.count() > 0) consider(last_close_ + stall_abort_);
   return best;
@@ -201,6 +328,8 @@ std::optional<CoordTime> Coordinator::next_deadline() const {
 
 void Coordinator::advance(CoordTime now, Decisions& out) {
   if (now > now_) now_ = now;
+  if (repair_deadline_ && *repair_deadline_ <= now_) repair(out);
+  if (finished_ || aborted_) return;
   if (auto t = timeout_deadline(); t && *t <= now_) maybe_close(out);
   if (finished_ || aborted_) return;
 
@@ -208,8 +337,7 @@ void Coordinator::advance(CoordTime now, Decisions& out) {
   if (stall_abort_.count() > 0 && stalled >= stall_abort_) {
     abort_job(fmt::format("no step closed for {:.1f} s (--stall-abort-s {:g}): step {} is still "
                           "waiting for ranks {}",
-                          to_seconds(stalled), config_.stall_abort_s, open_step_,
-                          ranks_in(RankState::kWorking)),
+                          to_seconds(stalled), config_.stall_abort_s, open_step_, missing_ranks()),
               out);
     return;
   }
@@ -219,7 +347,7 @@ void Coordinator::advance(CoordTime now, Decisions& out) {
     StallReport report;
     report.step = open_step_;
     report.stalled_s = to_seconds(stalled);
-    report.missing = ranks_in(RankState::kWorking);
+    report.missing = missing_ranks();
     report.late_queued = ranks_in(RankState::kLate);
     out.stall = std::move(report);
   }
@@ -228,7 +356,7 @@ void Coordinator::advance(CoordTime now, Decisions& out) {
 void Coordinator::maybe_close(Decisions& out) {
   const auto w = static_cast<size_t>(config_.world_size);
   if (final_round_) {
-    if (ready_.size() + late_.size() == w) close_round(false, out);
+    if (!ready_.empty() && ready_.size() + late_.size() == w) close_round(false, out);
     return;
   }
   if (ready_.empty()) return;
@@ -244,6 +372,12 @@ void Coordinator::maybe_close(Decisions& out) {
 }
 
 void Coordinator::close_round(bool timed_out, Decisions& out) {
+  if (!final_round_) {
+    // Only reachable if a rank outside the last round reported the next step; the failed ranks
+    // then take the state after this step rather than wait for a repair.
+    for (int failed_rank : ranks_in(RankState::kFailed)) make_late(failed_rank);
+    repair_deadline_.reset();
+  }
   ClosedRound round;
   round.step = open_step_;
   round.final_round = final_round_;
@@ -253,7 +387,10 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
   std::sort(round.participants.begin(), round.participants.end());
   RESYNC_CHECK(!round.participants.empty(), "a round closed without participants");
 
+  // Busy ranks are awake and listening: they take this step's state instead of computing it.
+  const std::vector<int> busy = ranks_in(RankState::kBusy);
   std::vector<int> late = late_;
+  late.insert(late.end(), busy.begin(), busy.end());
   std::sort(late.begin(), late.end());
   for (int late_rank : late) {
     const int donor = round.participants[donor_cursor_++ % round.participants.size()];
@@ -269,10 +406,13 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
       state_[static_cast<size_t>(rank)] = RankState::kWorking;
       next_step_[static_cast<size_t>(rank)] = open_step_ + 1;
     }
-    for (int rank : late_) {
+    for (int rank : late) {
       state_[static_cast<size_t>(rank)] = RankState::kWorking;
       next_step_[static_cast<size_t>(rank)] = open_step_ + 1;
+      superseded_[static_cast<size_t>(rank)] = false;
     }
+    last_round_ = round;
+    last_round_completed_ = false;
     ++open_step_;
   }
   ready_.clear();
@@ -283,9 +423,83 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
   out.closed.push_back(std::move(round));
 }
 
+void Coordinator::repair(Decisions& out) {
+  repair_deadline_.reset();
+  const std::vector<int> failed = ranks_in(RankState::kFailed);  // ascending
+  if (!last_round_ || failed.empty()) return;
+  const uint64_t t = last_round_->step;
+  const uint32_t attempt = last_round_->attempt + 1;
+  if (attempt >= kMaxStepAttempts) {
+    abort_job(fmt::format("step {} failed {} times: its all-reduce timed out in every attempt "
+                          "(ranks {} failed last)",
+                          t, attempt, failed),
+              out);
+    return;
+  }
+  auto is_new_participant = [&failed](int rank) {
+    return std::binary_search(failed.begin(), failed.end(), rank);
+  };
+  auto waits_for_round_t = [&](int rank) {
+    const auto r = static_cast<size_t>(rank);
+    return state_[r] == RankState::kWorking && next_step_[r] == t + 1;
+  };
+
+  ClosedRound round;
+  round.step = t;
+  round.attempt = attempt;
+  round.stop = stop_;
+  round.participants = failed;
+  // A late rank whose donor retries still waits for that donor's state of step t: keep the
+  // pair and send no second order. One whose donor is left out gives up (FAILED) or, if it got
+  // a state of the abandoned attempt, reports it (READY): both make it late.
+  for (const CatchUp& c : last_round_->catchups) {
+    if (!waits_for_round_t(c.late_rank)) continue;
+    if (is_new_participant(c.donor_rank)) {
+      round.catchups.push_back(c);
+      round.ordered_before.push_back(c.late_rank);
+    } else {
+      superseded_[static_cast<size_t>(c.late_rank)] = true;
+    }
+  }
+  for (int p : last_round_->participants) {
+    if (!is_new_participant(p) && waits_for_round_t(p)) superseded_[static_cast<size_t>(p)] = true;
+  }
+  std::vector<int> late = late_;
+  std::sort(late.begin(), late.end());
+  for (int late_rank : late) {
+    round.catchups.push_back({late_rank, failed[donor_cursor_++ % failed.size()]});
+    state_[static_cast<size_t>(late_rank)] = RankState::kWorking;
+    next_step_[static_cast<size_t>(late_rank)] = t + 1;
+    superseded_[static_cast<size_t>(late_rank)] = false;
+  }
+  late_.clear();
+  std::sort(round.catchups.begin(), round.catchups.end(),
+            [](const CatchUp& a, const CatchUp& b) { return a.late_rank < b.late_rank; });
+  std::sort(round.ordered_before.begin(), round.ordered_before.end());
+  for (int rank : failed) {
+    state_[static_cast<size_t>(rank)] = RankState::kWorking;
+    next_step_[static_cast<size_t>(rank)] = t + 1;
+  }
+  last_round_ = round;
+  last_round_completed_ = false;
+  last_close_ = now_;  // a repair counts as a close for the stall clock
+  n_stall_warnings_ = 0;
+  out.closed.push_back(std::move(round));
+}
+
 void Coordinator::abort_job(std::string reason, Decisions& out) {
   aborted_ = true;
   out.abort = std::move(reason);
+}
+
+std::vector<int> Coordinator::missing_ranks() const {
+  std::vector<int> ranks;
+  for (size_t r = 0; r < state_.size(); ++r) {
+    if (state_[r] == RankState::kWorking || state_[r] == RankState::kBusy) {
+      ranks.push_back(static_cast<int>(r));
+    }
+  }
+  return ranks;
 }
 
 std::vector<int> Coordinator::ranks_in(RankState state) const {

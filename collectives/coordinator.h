@@ -1,5 +1,6 @@
-// The step coordinator's decision logic: given READY/FINISH arrivals and a clock, decides when a
-// step closes, who takes part, who catches up from whom, when to warn about a stall or abort.
+// The step coordinator's decision logic: given READY/BUSY/FAILED/FINISH arrivals and a clock,
+// decides when a step closes (or is re-closed after a failed all-reduce), who takes part, who
+// catches up from whom, when to warn about a stall or abort.
 #pragma once
 
 #include <chrono>
@@ -23,9 +24,11 @@ struct CoordinatorConfig {
   int min_quorum = 1;                // ready ranks needed for a timeout close (0 acts as 1)
   double stall_warning_s = 60.0;     // warn (and repeat) when no step closed for this long; 0 = off
   double stall_abort_s = 0.0;        // abort the job when no step closed for this long; 0 = off
+  int64_t repair_window_ms = 2000;   // after a FAILED, how long completions may still prove the
+                                     // round done before it is re-closed (--ring-timeout-ms)
 
   // Throws resync::InvalidArgument naming the offending flag (--backup-workers,
-  // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s).
+  // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s, --ring-timeout-ms).
   void validate() const;
   // Gradients per step when every rank is responsive: W - b.
   int step_quorum() const { return world_size - backup_workers; }
@@ -38,21 +41,29 @@ struct CatchUp {
   bool operator==(const CatchUp&) const = default;
 };
 
+// A round for one step may close more than once: after a failed all-reduce it is re-closed with
+// the ranks that reported the failure; at this attempt the job is aborted.
+inline constexpr uint32_t kMaxStepAttempts = 16;
+
 // The coordinator closed a round: a training step, or the final round at the end of training.
 struct ClosedRound {
   uint64_t step = 0;
+  uint32_t attempt = 0;           // 0, then +1 for each re-close of `step` (ring repair)
   bool final_round = false;       // FINISH round: no all-reduce, only catch-ups
   bool stop = false;              // a rank asked to stop: every rank ends after this round
   bool timed_out = false;         // closed by the straggler timeout, not by the W - b count
   std::vector<int> participants;  // sorted; their gradients (if any) make the step
   std::vector<CatchUp> catchups;  // sorted by late rank; donors are participants
+  // Late ranks of `catchups` that already hold their CATCHUP order (same step and donor) from
+  // an earlier attempt and are still waiting for the state: they get no second order. Sorted.
+  std::vector<int> ordered_before;
 };
 
 // No round closed for a while: these ranks have not reported for the open step.
 struct StallReport {
   uint64_t step = 0;
   double stalled_s = 0.0;        // seconds since the last close (or since start)
-  std::vector<int> missing;      // ranks neither ready, finished nor queued as late
+  std::vector<int> missing;      // ranks neither ready, finished, failed nor queued as late
   std::vector<int> late_queued;  // ranks waiting to be caught up at the next close
 };
 
@@ -70,8 +81,13 @@ struct Decisions {
 // Closing rule for the open step t: close when min(W - b, W - |late queue|) ranks sent READY(t)
 // (ranks queued as late cannot send READY(t) before a close catches them up, so waiting for
 // them would deadlock), or when straggler_timeout_ms passed since the first READY(t) and at
-// least min_quorum ranks are ready. The final round closes when every rank has sent FINISH(T)
-// or is queued as late. After a close or an abort, events about a finished job are ignored.
+// least min_quorum ranks are ready. Ranks that sent BUSY(t) do not count as ready but are caught
+// up by the close of t itself. The final round closes when every rank has sent FINISH(T) or is
+// queued as late. After a close or an abort, events about a finished job are ignored.
+//
+// Ring repair: a participant of the last closed round t that reports FAILED(t) waits; if no
+// member of round t proves it completed (READY/BUSY/FINISH(t + 1)) within repair_window_ms, or
+// once every participant failed, step t is re-closed with the failed ranks (attempt + 1).
 class Coordinator {
  public:
   // Validates `config`; `now` starts the stall clock (all ranks are connected).
@@ -79,6 +95,12 @@ class Coordinator {
 
   // Rank `rank` computed its gradient for `step` and waits for its order.
   Decisions ready(int rank, uint64_t step, CoordTime now);
+  // Rank `rank` is slow at `step` but listening: if `step` closes without it, it is caught up
+  // in that same close. A BUSY for a step that already closed counts as a late READY.
+  Decisions busy(int rank, uint64_t step, CoordTime now);
+  // Rank `rank`'s all-reduce of round `step` (or its catch-up receive) timed out; it waits for
+  // an order: a re-close of `step` (repair) or a catch-up.
+  Decisions failed(int rank, uint64_t step, CoordTime now);
   // Rank `rank` finished training after `n_steps` steps and waits for its final order.
   Decisions finish(int rank, uint64_t n_steps, CoordTime now);
   // The control connection of `rank` closed before its final order: that rank died. `host`
@@ -86,7 +108,7 @@ class Coordinator {
   Decisions connection_lost(int rank, CoordTime now, const std::string& host = "");
   // A rank asks that all ranks stop at the next round boundary (preemption).
   Decisions stop_requested(int rank, CoordTime now);
-  // Time passed: fires due timeouts, stall warnings and stall aborts.
+  // Time passed: fires due timeouts, repairs, stall warnings and stall aborts.
   Decisions tick(CoordTime now);
 
   // When tick() next has something to do, if ever. The event loop sleeps until then.
@@ -99,17 +121,29 @@ class Coordinator {
   const CoordinatorConfig& config() const { return config_; }
 
  private:
-  enum class RankState { kWorking, kReady, kFinishing, kLate, kDone };
+  enum class RankState { kWorking, kReady, kBusy, kFailed, kFinishing, kLate, kDone };
+  static constexpr uint64_t kNoStep = ~uint64_t{0};
 
   void advance(CoordTime now, Decisions& out);
   void maybe_close(Decisions& out);
   void close_round(bool timed_out, Decisions& out);
+  void repair(Decisions& out);
+  void make_late(int rank);
+  // Checks a report of `step` from a rank in state kWorking; aborts (returns false) if invalid.
+  bool check_report(int rank, uint64_t step, const char* what, Decisions& out);
+  // True if `rank` reporting `step` is a BUSY/READY that raced an order it already got or a
+  // queueing it already had (to be ignored).
+  bool stale_report(int rank, uint64_t step) const;
+  // A member of the last round reported the next step: it holds the round's result.
+  void note_progress(int rank, uint64_t step);
+  bool in_last_round(int rank) const;
   void abort_job(std::string reason, Decisions& out);
   // Checks the rank is in range (else InvalidArgument); false once the job is over.
   bool accepting(int rank, const char* event) const;
   std::optional<CoordTime> timeout_deadline() const;
   CoordTime stall_warning_deadline() const;
   std::vector<int> ranks_in(RankState state) const;
+  std::vector<int> missing_ranks() const;  // not reported for the open step (working or busy)
 
   CoordinatorConfig config_;
   std::chrono::nanoseconds straggler_timeout_;
@@ -120,6 +154,14 @@ class Coordinator {
   std::vector<uint64_t> next_step_;  // lowest step each rank may report next
   std::vector<int> ready_;           // READY(open_step_) or FINISH, in arrival order
   std::vector<int> late_;            // late ranks waiting for a close, in arrival order
+  std::vector<uint64_t> busy_step_;  // step of the rank's last BUSY (kNoStep: none pending)
+  // Members of an abandoned attempt that were left out of its re-close: whatever state they
+  // report next is from that attempt, so they are caught up instead of taking part.
+  std::vector<bool> superseded_;
+  std::optional<ClosedRound> last_round_;  // last regular round (attempt) closed
+  bool last_round_completed_ = false;      // a member of last_round_ reported the next step
+  std::optional<CoordTime> repair_deadline_;
+  std::chrono::nanoseconds repair_window_;
   uint64_t open_step_ = 0;
   bool final_round_ = false;  // FINISH(open_step_) has arrived from someone
   std::optional<CoordTime> first_ready_;

@@ -1,14 +1,9 @@
 #include "collectives/tcp_control.h"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <ifaddrs.h>
-#include <net/if.h>
-#include <netdb.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -17,10 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <climits>
 #include <cmath>
 #include <list>
-#include <system_error>
 #include <thread>
 
 #include "base/error.h"
@@ -28,13 +21,13 @@
 
 namespace resync::collectives {
 
-void detail::UniqueFd::reset(int fd) {
-  if (fd_ >= 0) ::close(fd_);
-  fd_ = fd;
-}
-
 namespace {
 
+using detail::errno_text;
+using detail::RecvStatus;
+using detail::seconds;
+using detail::throw_sys;
+using detail::to_timespec;
 using wire::Message;
 using wire::MsgType;
 
@@ -42,89 +35,6 @@ Message message_of(MsgType type) {
   Message msg;
   msg.type = type;
   return msg;
-}
-
-std::string errno_text(int err) { return std::system_category().message(err); }
-
-[[noreturn]] void throw_sys(const std::string& what, int err) {
-  throw CommError(fmt::format("{}: {}", what, errno_text(err)));
-}
-
-std::chrono::nanoseconds seconds(double s) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::duration<double>(s));
-}
-
-void set_nodelay(int fd) {
-  const int one = 1;
-  if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0) {
-    throw_sys("control plane: setsockopt(TCP_NODELAY)", errno);
-  }
-}
-
-std::string local_host_name() {
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0) return "localhost";
-  return name;
-}
-
-std::string ipv4_text(const in_addr& addr) {
-  char text[INET_ADDRSTRLEN] = {};
-  inet_ntop(AF_INET, &addr, text, sizeof(text));
-  return text;
-}
-
-bool is_loopback(const in_addr& addr) { return (ntohl(addr.s_addr) >> 24) == 127; }
-
-// An IPv4 address of this host that other nodes can reach: what the host name resolves to
-// (Debian maps it to 127.0.1.1, useless to others, hence the interface scan), else the first
-// non-loopback interface that is up, else 127.0.0.1 (a single-node job).
-std::string reachable_address() {
-  addrinfo hints{};
-  hints.ai_family = AF_INET;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  if (getaddrinfo(local_host_name().c_str(), nullptr, &hints, &found) == 0) {
-    std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> guard(found, freeaddrinfo);
-    for (const addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
-      const auto* sin = reinterpret_cast<const sockaddr_in*>(ai->ai_addr);
-      if (!is_loopback(sin->sin_addr)) return ipv4_text(sin->sin_addr);
-    }
-  }
-  ifaddrs* interfaces = nullptr;
-  if (getifaddrs(&interfaces) == 0) {
-    std::unique_ptr<ifaddrs, decltype(&freeifaddrs)> guard(interfaces, freeifaddrs);
-    for (const ifaddrs* ifa = interfaces; ifa != nullptr; ifa = ifa->ifa_next) {
-      if (ifa->ifa_addr == nullptr || ifa->ifa_addr->sa_family != AF_INET) continue;
-      if ((ifa->ifa_flags & IFF_UP) == 0 || (ifa->ifa_flags & IFF_LOOPBACK) != 0) continue;
-      return ipv4_text(reinterpret_cast<const sockaddr_in*>(ifa->ifa_addr)->sin_addr);
-    }
-  }
-  return "127.0.0.1";
-}
-
-// "host:port" -> {host, port}; "[v6]:port" is accepted too.
-std::pair<std::string, std::string> split_host_port(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  RESYNC_CHECK_ARG(colon != std::string::npos && colon > 0 && colon + 1 < address.size(),
-                   fmt::format("control address '{}' is not host:port", address));
-  std::string host = address.substr(0, colon);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  return {host, address.substr(colon + 1)};
-}
-
-std::string peer_name(const sockaddr_storage& addr) {
-  if (addr.ss_family == AF_INET) {
-    const auto& sin = reinterpret_cast<const sockaddr_in&>(addr);
-    return fmt::format("{}:{}", ipv4_text(sin.sin_addr), ntohs(sin.sin_port));
-  }
-  return "?";
-}
-
-timespec to_timespec(std::chrono::nanoseconds d) {
-  const auto ns = std::max<int64_t>(0, d.count());
-  return timespec{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
 }
 
 }  // namespace
@@ -216,7 +126,7 @@ TcpControlServer::Impl::Impl(const TcpServerOptions& options) : opts(options) {
     throw_sys("control plane: getsockname", errno);
   }
   port = ntohs(addr.sin_port);
-  host = opts.advertise_host.empty() ? reachable_address() : opts.advertise_host;
+  host = opts.advertise_host.empty() ? detail::reachable_address() : opts.advertise_host;
 
   wake_fd.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!wake_fd.valid()) throw_sys("control plane: eventfd", errno);
@@ -375,25 +285,23 @@ void TcpControlServer::Impl::accept_all(CoordTime now) {
     }
     Conn& conn = conns.emplace_back();
     conn.fd.reset(fd);
-    conn.peer = peer_name(addr);
+    conn.peer = detail::peer_name(addr);
     conn.hello_deadline = now + seconds(opts.hello_timeout_s);
-    set_nodelay(fd);
+    detail::set_nodelay(fd);
   }
 }
 
 void TcpControlServer::Impl::read_some(Conn& conn) {
-  uint8_t buf[4096];
   while (!conn.eof) {
     // An unknown peer gets no more than a HELLO's worth of buffer.
     if (conn.rank < 0 && conn.in.size() > wire::kMaxHelloBytes + wire::kFrameHeaderBytes) return;
-    const ssize_t n = ::recv(conn.fd.get(), buf, sizeof(buf), 0);
-    if (n > 0) {
-      if (phase != Phase::kDraining) conn.in.insert(conn.in.end(), buf, buf + n);
-      continue;
-    }
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-    conn.eof = true;  // orderly close (n == 0) or a reset: the peer is gone either way
+    int err = 0;
+    const size_t before = conn.in.size();
+    const RecvStatus status = detail::recv_append(conn.fd.get(), conn.in, err);
+    if (phase == Phase::kDraining) conn.in.resize(before);  // the job is over: discard
+    if (status == RecvStatus::kData) continue;
+    if (status == RecvStatus::kWouldBlock) return;
+    conn.eof = true;  // orderly close or a reset: the peer is gone either way
   }
 }
 
@@ -482,6 +390,14 @@ void TcpControlServer::Impl::handle_frames(Conn& conn, CoordTime now) {
       case MsgType::kFinish:
         apply(coordinator->finish(conn.rank, msg.step, now), now);
         break;
+      case MsgType::kBusy:
+        apply(coordinator->busy(conn.rank, msg.step, now), now);
+        break;
+      case MsgType::kFailed:
+        log->warn("control: {} reports a failed all-reduce or catch-up for step {}", who(conn.rank),
+                  msg.step);
+        apply(coordinator->failed(conn.rank, msg.step, now), now);
+        break;
       case MsgType::kStop:
         log->info("control: {} asked all ranks to stop", who(conn.rank));
         apply(coordinator->stop_requested(conn.rank, now), now);
@@ -499,10 +415,17 @@ void TcpControlServer::Impl::handle_frames(Conn& conn, CoordTime now) {
 
 void TcpControlServer::Impl::apply(Decisions&& d, CoordTime now) {
   for (const ClosedRound& round : d.closed) {
-    log->debug("control: {} {} closed{}: participants {}, catch-ups {}",
-               round.final_round ? "final round after" : "step", round.step,
-               round.timed_out ? " by the straggler timeout" : "", round.participants,
-               round.catchups.size());
+    if (round.attempt > 0) {
+      log->warn(
+          "control: step {} re-closed after a failed all-reduce (attempt {}): "
+          "participants {}, catch-ups {}",
+          round.step, round.attempt, round.participants, round.catchups.size());
+    } else {
+      log->debug("control: {} {} closed{}: participants {}, catch-ups {}",
+                 round.final_round ? "final round after" : "step", round.step,
+                 round.timed_out ? " by the straggler timeout" : "", round.participants,
+                 round.catchups.size());
+    }
     for (auto& [rank, order] : orders_for(round)) {
       Message msg = message_of(MsgType::kOrder);
       msg.order = std::move(order);
@@ -607,65 +530,6 @@ std::optional<std::string> TcpControlServer::abort_reason() const {
 // ---------------------------------------------------------------------------------------------
 // Client
 
-namespace {
-
-// Connects to host:port within `deadline`; returns a blocking socket.
-detail::UniqueFd connect_before(const std::string& address, CoordTime deadline, int rank) {
-  const auto [host, port] = split_host_port(address);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  addrinfo* found = nullptr;
-  const int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &found);
-  if (rc != 0) {
-    throw CommError(fmt::format("rank {}: cannot resolve the control address {}: {}", rank, address,
-                                gai_strerror(rc)));
-  }
-  std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> guard(found, freeaddrinfo);
-  std::string last_error = "no address";
-  for (const addrinfo* ai = found; ai != nullptr; ai = ai->ai_next) {
-    detail::UniqueFd fd(::socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (!fd.valid()) throw_sys("control plane: socket", errno);
-    int err = 0;
-    if (::connect(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-      err = errno;
-      while (err == EINPROGRESS || err == EINTR) {
-        const auto left = deadline - CoordClock::now();
-        if (left <= std::chrono::nanoseconds(0)) {
-          err = ETIMEDOUT;
-          break;
-        }
-        pollfd p{fd.get(), POLLOUT, 0};
-        const timespec wait = to_timespec(left);
-        const int n = ::ppoll(&p, 1, &wait, nullptr);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-          err = errno;
-          break;
-        }
-        if (n == 0) continue;  // re-checks the deadline
-        socklen_t len = sizeof(err);
-        if (getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
-        break;
-      }
-    }
-    if (err != 0) {
-      last_error = errno_text(err);
-      continue;
-    }
-    const int flags = ::fcntl(fd.get(), F_GETFL);
-    if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
-      throw_sys("control plane: fcntl", errno);
-    }
-    set_nodelay(fd.get());
-    return fd;
-  }
-  throw CommError(fmt::format("rank {}: cannot connect to the coordinator at {}: {}", rank, address,
-                              last_error));
-}
-
-}  // namespace
-
 TcpControlClient::TcpControlClient(const std::string& address, const JobToken& token, int rank,
                                    const TcpClientOptions& options)
     : address_(address), rank_(rank) {
@@ -673,12 +537,12 @@ TcpControlClient::TcpControlClient(const std::string& address, const JobToken& t
   RESYNC_CHECK_ARG(std::isfinite(options.connect_timeout_s) && options.connect_timeout_s > 0,
                    "control client: connect timeout must be > 0 s");
   const auto deadline = CoordClock::now() + seconds(options.connect_timeout_s);
-  fd_ = connect_before(address, deadline, rank);
+  fd_ = detail::connect_before(address, deadline, rank);
 
   Message hello = message_of(MsgType::kHello);
   hello.token = token;
   hello.rank = rank;
-  hello.text = local_host_name();
+  hello.text = detail::local_host_name();
   send_frame(hello);
   Message reply;
   try {
@@ -717,6 +581,24 @@ StepOrder TcpControlClient::ready(uint64_t step) { return exchange(MsgType::kRea
 
 StepOrder TcpControlClient::finish(uint64_t n_steps) { return exchange(MsgType::kFinish, n_steps); }
 
+StepOrder TcpControlClient::failed(uint64_t step) { return exchange(MsgType::kFailed, step); }
+
+std::optional<StepOrder> TcpControlClient::busy(uint64_t step, std::chrono::nanoseconds max_wait) {
+  if (ended_) throw CommError(*ended_);
+  try {
+    Message report = message_of(MsgType::kBusy);
+    report.step = step;
+    send_frame(report);
+    std::optional<Message> reply = receive_until(CoordClock::now() + max_wait);
+    if (!reply) return std::nullopt;  // a partial frame stays in in_ for ready()
+    return take_order(std::move(*reply));
+  } catch (const CommError& e) {
+    ended_ = e.what();
+    close_connection();
+    throw;
+  }
+}
+
 void TcpControlClient::request_stop() {
   std::lock_guard<std::mutex> lock(write_mu_);
   if (!fd_.valid()) return;  // the job is already over; the error, if any, reaches ready()
@@ -729,25 +611,27 @@ StepOrder TcpControlClient::exchange(MsgType type, uint64_t step) {
     Message report = message_of(type);
     report.step = step;
     send_frame(report);
-    Message reply = receive(-1.0);
-    if (reply.type == MsgType::kOrder) {
-      if (reply.order.final_round) {
-        ended_ = fmt::format("rank {}: the control channel is closed after the final order", rank_);
-        close_connection();
-      }
-      return std::move(reply.order);
-    }
-    if (reply.type == MsgType::kAbort) {
-      throw CommError(
-          fmt::format("rank {}: job aborted by the coordinator: {}", rank_, reply.text));
-    }
-    throw CommError(fmt::format("rank {}: unexpected control message (type {}) from {}", rank_,
-                                static_cast<int>(reply.type), address_));
+    return take_order(receive(-1.0));
   } catch (const CommError& e) {
     ended_ = e.what();
     close_connection();
     throw;
   }
+}
+
+StepOrder TcpControlClient::take_order(Message reply) {
+  if (reply.type == MsgType::kOrder) {
+    if (reply.order.final_round) {
+      ended_ = fmt::format("rank {}: the control channel is closed after the final order", rank_);
+      close_connection();
+    }
+    return std::move(reply.order);
+  }
+  if (reply.type == MsgType::kAbort) {
+    throw CommError(fmt::format("rank {}: job aborted by the coordinator: {}", rank_, reply.text));
+  }
+  throw CommError(fmt::format("rank {}: unexpected control message (type {}) from {}", rank_,
+                              static_cast<int>(reply.type), address_));
 }
 
 void TcpControlClient::send_frame(const Message& msg) {
@@ -759,24 +643,27 @@ void TcpControlClient::send_frame(const Message& msg) {
 void TcpControlClient::send_locked(const Message& msg) {
   std::vector<uint8_t> frame;
   wire::append_frame(msg, frame);
-  size_t sent = 0;
-  while (sent < frame.size()) {
-    const ssize_t n = ::send(fd_.get(), frame.data() + sent, frame.size() - sent, MSG_NOSIGNAL);
-    if (n > 0) {
-      sent += static_cast<size_t>(n);
-    } else if (n == 0 || errno != EINTR) {
-      throw CommError(
-          fmt::format("rank {}: lost the control connection to the coordinator at "
-                      "{} (rank 0 died?): {}",
-                      rank_, address_, errno_text(errno)));
-    }
+  const int err = detail::send_all(fd_.get(), frame);
+  if (err != 0) {
+    throw CommError(
+        fmt::format("rank {}: lost the control connection to the coordinator at "
+                    "{} (rank 0 died?): {}",
+                    rank_, address_, errno_text(err)));
   }
 }
 
 Message TcpControlClient::receive(double timeout_s) {
   std::optional<CoordTime> deadline;
   if (timeout_s >= 0) deadline = CoordClock::now() + seconds(timeout_s);
-  uint8_t buf[4096];
+  std::optional<Message> msg = receive_until(deadline);
+  if (!msg) {
+    throw CommError(fmt::format("rank {}: no reply from the coordinator at {} within {:g} s", rank_,
+                                address_, timeout_s));
+  }
+  return std::move(*msg);
+}
+
+std::optional<Message> TcpControlClient::receive_until(std::optional<CoordTime> deadline) {
   while (true) {
     Message msg;
     const size_t used = wire::decode_frame(in_, wire::kMaxFrameBytes, msg);
@@ -784,31 +671,24 @@ Message TcpControlClient::receive(double timeout_s) {
       in_.erase(in_.begin(), in_.begin() + static_cast<std::ptrdiff_t>(used));
       return msg;
     }
-    if (deadline) {
-      pollfd p{fd_.get(), POLLIN, 0};
-      const timespec wait = to_timespec(*deadline - CoordClock::now());
-      const int n = ::ppoll(&p, 1, &wait, nullptr);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) throw_sys(fmt::format("rank {}: control plane: ppoll", rank_), errno);
-      if (n == 0) {
-        throw CommError(fmt::format("rank {}: no reply from the coordinator at {} within {:g} s",
-                                    rank_, address_, timeout_s));
-      }
+    // Sleeps in the kernel until the coordinator speaks: a waiting rank burns no CPU.
+    if (deadline &&
+        !detail::wait_readable(fd_.get(), deadline, fmt::format("rank {}: control plane", rank_))) {
+      return std::nullopt;
     }
-    // Blocks in the kernel until the coordinator speaks: a waiting rank burns no CPU.
-    const ssize_t n = ::recv(fd_.get(), buf, sizeof(buf), 0);
-    if (n > 0) {
-      in_.insert(in_.end(), buf, buf + n);
-    } else if (n == 0) {
+    int err = 0;
+    const RecvStatus status = detail::recv_append(fd_.get(), in_, err);
+    if (status == RecvStatus::kClosed) {
       throw CommError(
           fmt::format("rank {}: the coordinator at {} closed the control connection "
                       "(rank 0 died or exited)",
                       rank_, address_));
-    } else if (errno != EINTR) {
+    }
+    if (status == RecvStatus::kError) {
       throw CommError(
           fmt::format("rank {}: lost the control connection to the coordinator at "
                       "{}: {}",
-                      rank_, address_, errno_text(errno)));
+                      rank_, address_, errno_text(err)));
     }
   }
 }

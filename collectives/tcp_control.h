@@ -2,6 +2,7 @@
 // in ppoll, and never calls MPI) and the client every rank uses, with a job-token handshake.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -11,37 +12,9 @@
 
 #include "collectives/control_plane.h"
 #include "collectives/coordinator.h"
+#include "collectives/socket_util.h"
 
 namespace resync::collectives {
-
-namespace detail {
-// Owns a file descriptor: closes it on destruction. Move-only.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
-    if (this != &other) reset(other.release());
-    return *this;
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { reset(); }
-
-  int get() const { return fd_; }
-  bool valid() const { return fd_ >= 0; }
-  int release() {
-    const int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
-  void reset(int fd = -1);
-
- private:
-  int fd_ = -1;
-};
-}  // namespace detail
 
 struct TcpServerOptions {
   CoordinatorConfig coordinator;
@@ -85,9 +58,10 @@ struct TcpClientOptions {
   double connect_timeout_s = 60;  // TCP connect plus the coordinator's WELCOME
 };
 
-// One rank's control connection. ready()/finish() send their report and block in recv() until
-// the order arrives. After the final order (or an abort) the connection is closed; destroying
-// the client earlier closes it too, which the coordinator treats as this rank's death.
+// One rank's control connection. ready()/finish()/failed() send their report and block in recv()
+// until the order arrives; busy() waits in ppoll for at most its max_wait. After the final order
+// (or an abort) the connection is closed; destroying the client earlier closes it too, which the
+// coordinator treats as this rank's death.
 class TcpControlClient final : public ControlChannel {
  public:
   // `address` is "host:port". Throws CommError if it cannot connect or the coordinator refuses.
@@ -100,6 +74,8 @@ class TcpControlClient final : public ControlChannel {
 
   StepOrder ready(uint64_t step) override;
   StepOrder finish(uint64_t n_steps) override;
+  std::optional<StepOrder> busy(uint64_t step, std::chrono::nanoseconds max_wait) override;
+  StepOrder failed(uint64_t step) override;
   void request_stop() override;
   int rank() const override { return rank_; }
 
@@ -108,6 +84,9 @@ class TcpControlClient final : public ControlChannel {
   void send_frame(const wire::Message& msg);
   void send_locked(const wire::Message& msg);  // caller holds write_mu_
   wire::Message receive(double timeout_s);     // timeout_s < 0: no timeout
+  // The next message, or nullopt if `deadline` passed first (nullopt deadline: no limit).
+  std::optional<wire::Message> receive_until(std::optional<CoordTime> deadline);
+  StepOrder take_order(wire::Message reply);  // an order, or throws for ABORT/anything else
   void close_connection();
 
   std::string address_;

@@ -122,6 +122,12 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
 
+  app.add_option("--ring-timeout-ms", cfg.ring_timeout_ms,
+                 "With backup workers or a timeout: an all-reduce or catch-up that stalls this "
+                 "long is repaired without the unresponsive rank")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{10}, int64_t{3'600'000}));
+
   app.add_option("--metrics", cfg.metrics, "Write JSON Lines metrics to this file (rank 0)");
   app.add_option("--metrics-every", cfg.metrics_every, "Write every k-th step record")
       ->capture_default_str()
@@ -153,11 +159,11 @@ std::string describe(const TrainConfig& c) {
       "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
       "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} segment-kib={} "
-      "metrics={} metrics-every={} log-level={}",
+      "ring-timeout-ms={} metrics={} metrics-every={} log-level={}",
       c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
       c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.segment_kib,
-      c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level);
+      c.ring_timeout_ms, c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level);
 }
 
 }  // namespace resync::runtime

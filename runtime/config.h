@@ -38,6 +38,7 @@ struct TrainConfig {
   std::string inject_delay = "none";
   // Collectives.
   size_t segment_kib = 512;
+  int64_t ring_timeout_ms = 2000;  // with backup workers/timeout: give up on a frozen peer
   // Outputs.
   std::string metrics;  // JSON Lines file written by rank 0; empty = none
   size_t metrics_every = 1;

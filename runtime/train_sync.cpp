@@ -8,6 +8,7 @@
 #include <cmath>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #include "base/error.h"
@@ -32,6 +33,9 @@ namespace resync::runtime {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// A step may be re-run after a failed all-reduce; each attempt has its own message tags.
+constexpr uint64_t kAttemptsPerStep = 16;
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -65,6 +69,7 @@ collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int wo
   c.min_quorum = cfg.min_quorum;
   c.stall_warning_s = cfg.stall_warning_s;
   c.stall_abort_s = cfg.stall_abort_s;
+  c.repair_window_ms = cfg.ring_timeout_ms;
   return c;
 }
 
@@ -193,8 +198,15 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     log->warn("{}", advice);
   }
 
+  // With backup workers or a timeout, a rank frozen inside the all-reduce must not stall the
+  // others: the ring gives up after --ring-timeout-ms and the step is repaired without it. Plain
+  // synchronous SGD waits for everyone, like MPI_Allreduce (the coordinator reports the stall).
+  const bool straggler_mode = cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0;
+  ctx.set_timeout(straggler_mode ? std::chrono::milliseconds(cfg.ring_timeout_ms)
+                                 : std::chrono::milliseconds(std::chrono::hours(24 * 365)));
   std::span<float> params = model.params();
   std::span<float> grads = model.grads();
+  std::vector<float> grad_backup(straggler_mode ? grads.size() : 0);  // for a repaired step
   const std::array<std::span<const float>, 2> state_out = {params, s.optimizer.state()};
   const std::array<std::span<float>, 2> state_in = {params, s.optimizer.state()};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
@@ -221,23 +233,54 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
               train_loss, last_eval.elapsed_s);
   };
 
-  // Sends this rank's fresh state to every late rank it serves after `order`'s round.
+  // Sends this rank's fresh state to every late rank it serves after `order`'s round. A late
+  // rank that froze again cannot receive: give up on it after the ring timeout (it will report
+  // the failed catch-up and be served again), never stall the participants.
   auto serve_catchups = [&](const collectives::StepOrder& order, StepRecord& rec) {
     for (int late : order.late_ranks_served_by(rank)) {
       collectives::StateHeader header{.step = order.final_round ? order.step : order.step + 1};
-      collectives::send_state(ctx, late, order.step, header, state_out);
+      header.user[0] = checksum64(params);
+      header.user[1] = checksum64(s.optimizer.state());
+      try {
+        collectives::send_state(ctx, late, order.step, header, state_out);
+      } catch (const TimeoutError& e) {
+        log->warn("step {}: could not catch up rank {}: {}", order.step, late, e.what());
+      }
     }
     for (const collectives::CatchUp& c : order.catchups) rec.late.push_back(c.late_rank);
   };
 
-  // Replaces this rank's state with the donor's; returns the step to continue with.
-  auto catch_up = [&](const collectives::StepOrder& order, uint64_t from_step) {
+  // Replaces this rank's state with the donor's; returns the step to continue with, or nothing
+  // if the transfer timed out or arrived torn (the donor gave up on it): ask for a new order.
+  auto catch_up = [&](const collectives::StepOrder& order,
+                      uint64_t from_step) -> std::optional<uint64_t> {
     collectives::StateHeader header;
-    collectives::recv_state(ctx, order.donor, order.step, header, state_in);
+    try {
+      collectives::recv_state(ctx, order.donor, order.step, header, state_in);
+    } catch (const TimeoutError& e) {
+      log->warn("catch-up from rank {} after step {} failed: {}", order.donor, order.step,
+                e.what());
+      return std::nullopt;
+    }
+    if (header.user[0] != checksum64(params) || header.user[1] != checksum64(s.optimizer.state())) {
+      log->warn("catch-up from rank {} after step {} arrived torn; asking again", order.donor,
+                order.step);
+      return std::nullopt;
+    }
     steps_skipped += header.step - from_step;
     ++catch_ups;
     log->debug("caught up from rank {}: step {} -> {}", order.donor, from_step, header.step);
     return header.step;
+  };
+
+  // The injected straggler delay. With backup workers or a timeout the rank stays reachable
+  // while it sleeps: if its step closes without it, it is caught up at once (the order).
+  auto injected_delay = [&](uint64_t step, double delay_ms) -> std::optional<collectives::StepOrder> {
+    const auto delay = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::duration<double, std::milli>(delay_ms));
+    if (straggler_mode) return control->busy(step, delay);
+    std::this_thread::sleep_for(delay);  // straggler injection: a sleep on purpose
+    return std::nullopt;
   };
 
   uint64_t step = 0;
@@ -253,26 +296,49 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
     rec.loss = model.forward_backward(s.x.data(), s.y.data(), cfg.batch_size);
     rec.compute_ms = ms_since(t0);
-    rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
-    if (rec.delay_ms > 0) {  // straggler injection: the only sleep in a step, on purpose
-      std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(rec.delay_ms));
-    }
 
-    // READY, then wait for the coordinator's order for this step.
+    // READY (after any injected delay), then the coordinator's order for this step.
+    rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
     const Clock::time_point t_wait = Clock::now();
-    const collectives::StepOrder order = control->ready(step);
-    rec.wait_ms = ms_since(t_wait);
-    if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
-      step = catch_up(order, step);
-      final_round_done = order.final_round;
-      stop = order.stop;
+    std::optional<collectives::StepOrder> early;
+    if (rec.delay_ms > 0) early = injected_delay(step, rec.delay_ms);
+    collectives::StepOrder order = early ? *early : control->ready(step);
+    rec.wait_ms = std::max(0.0, ms_since(t_wait) - rec.delay_ms);
+
+    // Carry out orders until this step is done; a timed-out ring or catch-up asks for another.
+    const Clock::time_point t_comm = Clock::now();
+    bool participated = false;
+    for (;;) {
+      if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
+        if (std::optional<uint64_t> next = catch_up(order, step)) {
+          step = *next;
+          final_round_done = order.final_round;
+          stop = order.stop;
+          break;
+        }
+        order = control->failed(order.step);
+        continue;
+      }
+      // Gradient exchange over the participants only (a retry starts from the own gradient).
+      if (order.attempt > 0) std::copy(grad_backup.begin(), grad_backup.end(), grads.begin());
+      if (straggler_mode) std::copy(grads.begin(), grads.end(), grad_backup.begin());
+      try {
+        ring.allreduce_sum(grads, order.participants, order.step * kAttemptsPerStep + order.attempt);
+        participated = true;
+        break;
+      } catch (const TimeoutError& e) {
+        if (!straggler_mode) throw;
+        log->warn("step {}: all-reduce over {} failed ({}); reporting it", step,
+                  fmt::join(order.participants, ","), e.what());
+        order = control->failed(step);
+      }
+    }
+    if (!participated) {
       maybe_evaluate(step, rec.loss);
       continue;
     }
 
-    // Gradient exchange over the participants only, then the averaged update.
-    const Clock::time_point t_comm = Clock::now();
-    ring.allreduce_sum(grads, order.participants, step);
+    // The averaged update, then the fresh state to the late ranks this rank serves.
     s.optimizer.step(params, grads, 1.0f / float(order.participants.size()));
     serve_catchups(order, rec);
     rec.comm_ms = ms_since(t_comm);
@@ -293,7 +359,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   if (!final_round_done) {
     const collectives::StepOrder final_order = control->finish(step);
     if (final_order.kind == collectives::OrderKind::kCatchUp) {
-      step = catch_up(final_order, step);
+      // The coordinator is done after the final round: nothing can repair a failed transfer.
+      std::optional<uint64_t> next = catch_up(final_order, step);
+      if (!next) {
+        throw CommError(fmt::format("the final catch-up from rank {} failed", final_order.donor));
+      }
+      step = *next;
     } else {
       StepRecord ignored;
       serve_catchups(final_order, ignored);

@@ -71,7 +71,7 @@ args = [MPIEXEC, "-np", str(NP), "--oversubscribe", "--bind-to", "none", RESYNC,
         "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test", "1000",
         "--hidden", "128", "--batch-size", "32", "--steps", "2500", "--backup-workers", "1",
         "--ring-timeout-ms", "500",
-        "--metrics", METRICS, "--log-level", "warn"]
+        "--metrics", METRICS, "--log-level", os.environ.get("RESYNC_FAULT_LOG_LEVEL", "warn")]
 job = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 wait_for(lambda: last_step() >= 100, 60, "step 100", job)
@@ -87,7 +87,10 @@ during = last_step()
 os.kill(pid, signal.SIGCONT)
 print(f"rank {VICTIM} (pid {pid}) stopped at step {stopped_at}; {STOP_S} s later step {during}")
 if during < stopped_at + 20:
-    fail(f"the other ranks made only {during - stopped_at} steps while rank {VICTIM} was stopped", job)
+    job.kill()
+    _, err = job.communicate()
+    fail(f"the other ranks made only {during - stopped_at} steps while rank {VICTIM} was "
+         f"stopped; the job's log:\n{err[-4000:]}")
 
 try:
     out, err = job.communicate(timeout=120)

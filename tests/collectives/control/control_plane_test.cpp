@@ -4,8 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
+#include <optional>
 #include <thread>
+#include <vector>
 
 #include "base/error.h"
 #include "control_harness.h"
@@ -56,6 +59,26 @@ TEST(Orders, FinalRoundHasNoAllReduce) {
   }
 }
 
+TEST(Orders, RepairRoundCarriesTheAttemptAndSkipsRanksOrderedBefore) {
+  ClosedRound round;
+  round.step = 4;
+  round.attempt = 2;
+  round.participants = {0, 1};
+  round.catchups = {{2, 0}, {3, 1}};
+  round.ordered_before = {2};
+  auto orders = orders_for(round);
+  ASSERT_EQ(orders.size(), 3u) << "rank 2 still holds its order from the earlier attempt";
+  EXPECT_EQ(orders[0].first, 0);
+  EXPECT_EQ(orders[1].first, 1);
+  EXPECT_EQ(orders[2].first, 3);
+  for (const auto& [rank, order] : orders) {
+    EXPECT_EQ(order.attempt, 2u) << "rank " << rank;
+    EXPECT_EQ(order.catchups, round.catchups) << "rank " << rank;
+  }
+  EXPECT_EQ(orders[0].second.late_ranks_served_by(0), std::vector<int>{2})
+      << "the donor still serves the rank ordered before";
+}
+
 wire::Message round_trip(const wire::Message& msg) {
   std::vector<uint8_t> bytes;
   wire::append_frame(msg, bytes);
@@ -83,7 +106,8 @@ TEST(Wire, EveryMessageRoundTrips) {
   EXPECT_EQ(back.rank, 12);
   EXPECT_EQ(back.text, "node-17");
 
-  for (auto type : {wire::MsgType::kReady, wire::MsgType::kFinish}) {
+  for (auto type : {wire::MsgType::kReady, wire::MsgType::kFinish, wire::MsgType::kBusy,
+                    wire::MsgType::kFailed}) {
     wire::Message m;
     m.type = type;
     m.step = 0x0123456789abcdefULL;
@@ -99,6 +123,7 @@ TEST(Wire, EveryMessageRoundTrips) {
   order.type = wire::MsgType::kOrder;
   order.order.kind = OrderKind::kCatchUp;
   order.order.step = 99;
+  order.order.attempt = 0xfedc1234u;
   order.order.final_round = true;
   order.order.stop = false;
   order.order.timed_out = true;
@@ -134,7 +159,7 @@ TEST(Wire, MalformedFramesAreRejected) {
   order.type = wire::MsgType::kOrder;
   std::vector<uint8_t> frame;
   wire::append_frame(order, frame);
-  frame[4 + 1 + 1 + 8 + 1 + 4 + 3] = 0x7f;  // top byte of the participant count
+  frame[4 + 1 + 1 + 8 + 4 + 1 + 4 + 3] = 0x7f;  // top byte of the participant count
   EXPECT_THROW(wire::decode_frame(frame, wire::kMaxFrameBytes, m), CommError);
   // A HELLO with another magic number.
   wire::Message hello;
@@ -306,6 +331,76 @@ TEST(LocalControlHub, DestroyingTheHubReleasesWaitingRanks) {
   hub.reset();
   waiter.join();
   EXPECT_NE(error.find("shut down"), std::string::npos) << error;
+}
+
+TEST(LocalControlHub, BusyReturnsTheCatchUpOrNothing) {
+  // W = 3, b = 1: two READYs close a step. Events are applied synchronously under the hub's
+  // lock, so the order of calls below is the order the coordinator sees.
+  LocalControlHub hub(hub_config(3, 1));
+  auto channels = connect_all(hub, 3);
+  using std::chrono::milliseconds;
+  EXPECT_FALSE(channels[2]->busy(0, milliseconds(20))) << "step 0 cannot close yet";
+  StepOrder o0;
+  std::thread r0([&] { o0 = channels[0]->ready(0); });
+  StepOrder o1 = channels[1]->ready(0);
+  r0.join();
+  EXPECT_EQ(o1.participants, (std::vector<int>{0, 1}));
+  ASSERT_EQ(o1.catchups.size(), 1u);
+  EXPECT_EQ(o1.catchups[0].late_rank, 2);
+  // The BUSY wait ran out before the close: ready(0) returns the order that came meanwhile.
+  StepOrder o2 = channels[2]->ready(0);
+  EXPECT_EQ(o2.kind, OrderKind::kCatchUp);
+  EXPECT_EQ(o2.step, 0u);
+  EXPECT_EQ(o2.donor, o1.catchups[0].donor_rank);
+
+  // Step 1: the step closes during rank 2's wait; busy() returns the catch-up.
+  std::optional<StepOrder> busy_order;
+  Gate busy_sent;
+  std::thread r2([&] {
+    // The hub applies BUSY before the wait starts; a second BUSY of a busy rank is ignored.
+    EXPECT_FALSE(channels[2]->busy(1, milliseconds(0)));
+    busy_sent.open();
+    busy_order = channels[2]->busy(1, std::chrono::seconds(20));
+  });
+  busy_sent.wait();
+  std::thread r0b([&] { o0 = channels[0]->ready(1); });
+  o1 = channels[1]->ready(1);
+  r0b.join();
+  r2.join();
+  ASSERT_TRUE(busy_order);
+  EXPECT_EQ(busy_order->kind, OrderKind::kCatchUp);
+  EXPECT_EQ(busy_order->step, 1u);
+  EXPECT_EQ(o1.participants, (std::vector<int>{0, 1}));
+  std::vector<std::thread> finishing;
+  for (size_t r = 0; r < 3; ++r) {
+    finishing.emplace_back(
+        [&, r] { EXPECT_TRUE(channels[r]->finish(2).final_round) << "rank " << r; });
+  }
+  for (auto& t : finishing) t.join();
+  EXPECT_FALSE(hub.abort_reason());
+}
+
+TEST(LocalControlHub, FailedEverywhereIsRepairedWithTheNextAttempt) {
+  LocalControlHub hub(hub_config(2, 0));
+  auto channels = connect_all(hub, 2);
+  StepOrder o0;
+  std::thread r0([&] { o0 = channels[0]->ready(0); });
+  StepOrder o1 = channels[1]->ready(0);
+  r0.join();
+  EXPECT_EQ(o1.attempt, 0u);
+  std::thread f0([&] { o0 = channels[0]->failed(0); });
+  o1 = channels[1]->failed(0);
+  f0.join();
+  for (const StepOrder* o : {&o0, &o1}) {
+    EXPECT_EQ(o->kind, OrderKind::kParticipate);
+    EXPECT_EQ(o->step, 0u);
+    EXPECT_EQ(o->attempt, 1u);
+    EXPECT_EQ(o->participants, (std::vector<int>{0, 1}));
+  }
+  std::thread fin([&] { channels[0]->finish(1); });
+  EXPECT_TRUE(channels[1]->finish(1).final_round);
+  fin.join();
+  EXPECT_FALSE(hub.abort_reason());
 }
 
 TEST(LocalControlHub, StopRequestEndsEveryRankAtTheSameBoundary) {

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "base/error.h"
+#include "collectives/control_plane.h"
 
 namespace resync::collectives {
 namespace {
@@ -349,6 +350,265 @@ TEST(Coordinator, ProtocolViolationsAbort) {
   d = c2.ready(1, 4, at_ms(0));
   ASSERT_TRUE(d.abort) << "READY for a step that is not open yet";
   EXPECT_THROW(c2.ready(3, 0, at_ms(0)), InvalidArgument) << "rank out of range";
+}
+
+// ---- BUSY: interruptible stragglers ----
+
+bool has(const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+TEST(CoordinatorBusy, BusyRankIsCaughtUpInTheSameClose) {
+  Coordinator c(make_config(4, 1), kT0);
+  EXPECT_TRUE(c.ready(0, 0, at_ms(0)).empty());
+  EXPECT_TRUE(c.busy(3, 0, at_ms(1)).empty()) << "BUSY alone decides nothing";
+  EXPECT_TRUE(c.ready(1, 0, at_ms(2)).empty()) << "a busy rank does not count as ready";
+  ClosedRound r = only_close(c.ready(2, 0, at_ms(3)));
+  EXPECT_EQ(r.step, 0u);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 2}));
+  ASSERT_EQ(r.catchups.size(), 1u) << "the busy rank is caught up by this very close";
+  EXPECT_EQ(r.catchups[0].late_rank, 3);
+  EXPECT_TRUE(has(r.participants, r.catchups[0].donor_rank));
+  // Its READY(0) crossed the CATCHUP on the wire: ignored, no abort.
+  Decisions d = c.ready(3, 0, at_ms(4));
+  EXPECT_TRUE(d.empty()) << "READY racing a busy catch-up: " << d.abort.value_or("");
+  // It computes step 1 on time and takes part.
+  r = only_close(all_ready(c, {3, 1, 0}, 1, at_ms(5)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 3}));
+  EXPECT_TRUE(r.catchups.empty()) << "rank 2 never went late";
+}
+
+TEST(CoordinatorBusy, BusyThenReadyBeforeTheCloseIsAParticipant) {
+  Coordinator c(make_config(3), kT0);
+  EXPECT_TRUE(c.busy(2, 0, at_ms(0)).empty());
+  EXPECT_TRUE(all_ready(c, {0, 1}, 0, at_ms(1)).empty())
+      << "b = 0: the busy rank can still report, so the step waits for it";
+  ClosedRound r = only_close(c.ready(2, 0, at_ms(2)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 2}));
+  EXPECT_TRUE(r.catchups.empty());
+}
+
+TEST(CoordinatorBusy, BusyRankIsCaughtUpByATimeoutClose) {
+  Coordinator c(make_config(3, 0, 100), kT0);
+  EXPECT_TRUE(all_ready(c, {0, 1}, 0, at_ms(0)).empty());
+  EXPECT_TRUE(c.busy(2, 0, at_ms(10)).empty());
+  ClosedRound r = only_close(c.tick(at_ms(100)));
+  EXPECT_TRUE(r.timed_out);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
+  EXPECT_TRUE(c.busy(2, 0, at_ms(110)).empty()) << "a repeated BUSY after its catch-up";
+  EXPECT_TRUE(c.ready(2, 0, at_ms(120)).empty()) << "READY racing the catch-up";
+  r = only_close(all_ready(c, {0, 1, 2}, 1, at_ms(130)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 2}));
+}
+
+TEST(CoordinatorBusy, BusyForAClosedStepIsLate) {
+  Coordinator c(make_config(3, 1), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c.busy(2, 0, at_ms(1)).empty()) << "late: queued for the next close";
+  EXPECT_TRUE(c.busy(2, 0, at_ms(2)).empty()) << "repeated BUSY while queued";
+  EXPECT_TRUE(c.ready(2, 0, at_ms(3)).empty()) << "READY while queued as late for that step";
+  ClosedRound r = only_close(all_ready(c, {1, 0}, 1, at_ms(4)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
+  r = only_close(all_ready(c, {2, 0}, 2, at_ms(5)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 2}));
+}
+
+TEST(CoordinatorBusy, BusyViolationsAndFinishDisagreementAbort) {
+  Coordinator c(make_config(3), kT0);
+  Decisions d = c.busy(0, 1, at_ms(0));
+  ASSERT_TRUE(d.abort) << "BUSY for a step that is not open";
+  EXPECT_NE(d.abort->find("rank 0"), std::string::npos) << *d.abort;
+
+  Coordinator c2(make_config(2), kT0);
+  only_close(all_ready(c2, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c2.busy(1, 1, at_ms(1)).empty());
+  d = c2.finish(0, 1, at_ms(2));
+  ASSERT_TRUE(d.abort) << "FINISH(1) while rank 1 is busy computing step 1";
+  EXPECT_NE(d.abort->find("disagree"), std::string::npos) << *d.abort;
+}
+
+// ---- FAILED: ring repair ----
+
+CoordinatorConfig repair_config(int world_size, int backup_workers, int64_t window_ms = 2000) {
+  CoordinatorConfig cfg = make_config(world_size, backup_workers);
+  cfg.repair_window_ms = window_ms;
+  return cfg;
+}
+
+TEST(CoordinatorRepair, RepairWindowIsValidated) {
+  auto cfg = make_config(2);
+  cfg.repair_window_ms = 0;
+  expect_invalid(cfg, "--ring-timeout-ms");
+  cfg.repair_window_ms = 1;
+  EXPECT_NO_THROW(cfg.validate());
+}
+
+TEST(CoordinatorRepair, FailedAfterAPeerCompletedIsLateAndCaughtUpNextClose) {
+  Coordinator c(repair_config(3, 0), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(0, 1, at_ms(10)).empty()) << "rank 0 completed step 0";
+  EXPECT_TRUE(c.failed(1, 0, at_ms(20)).empty()) << "a peer holds the result: rank 1 is late";
+  EXPECT_FALSE(c.next_deadline()) << "no repair window once completion is proven";
+  ClosedRound r = only_close(c.ready(2, 1, at_ms(30)));
+  EXPECT_EQ(r.step, 1u);
+  EXPECT_EQ(r.attempt, 0u);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 2}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 1);
+}
+
+TEST(CoordinatorRepair, CompletionDuringTheWindowTurnsFailedRanksLate) {
+  Coordinator c(repair_config(3, 0, 500), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.failed(1, 0, at_ms(10)).empty());
+  ASSERT_TRUE(c.next_deadline());
+  EXPECT_EQ(*c.next_deadline(), at_ms(510)) << "the window starts at the first FAILED";
+  EXPECT_TRUE(c.busy(2, 1, at_ms(100)).empty()) << "BUSY(1) proves rank 2 completed step 0";
+  EXPECT_FALSE(c.next_deadline()) << "window cancelled";
+  EXPECT_TRUE(c.tick(at_ms(600)).empty());
+  EXPECT_TRUE(c.ready(0, 1, at_ms(700)).empty()) << "target min(3, 3 - 1 late) = 2 ready";
+  ClosedRound r = only_close(c.ready(2, 1, at_ms(800)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 2}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 1) << "the failed rank is caught up like a late one";
+}
+
+TEST(CoordinatorRepair, AllParticipantsFailedReclosesAtOnce) {
+  Coordinator c(repair_config(3, 0), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.failed(2, 0, at_ms(5)).empty());
+  EXPECT_TRUE(c.failed(0, 0, at_ms(6)).empty());
+  ClosedRound r = only_close(c.failed(1, 0, at_ms(7)));
+  EXPECT_EQ(r.step, 0u);
+  EXPECT_EQ(r.attempt, 1u);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 2}));
+  EXPECT_TRUE(r.catchups.empty());
+  EXPECT_EQ(c.open_step(), 1u);
+  EXPECT_FALSE(c.next_deadline()) << "the repair consumed the window";
+  r = only_close(all_ready(c, {0, 1, 2}, 1, at_ms(8)));
+  EXPECT_EQ(r.step, 1u);
+  EXPECT_EQ(r.attempt, 0u) << "a new step starts at attempt 0";
+}
+
+TEST(CoordinatorRepair, FrozenParticipantIsLeftOutAfterTheWindow) {
+  // W = 4, b = 1. Step 0 drops rank 3; step 1 catches it up from donor 0. Then the ring of
+  // step 1 fails: ranks 0 and 1 report it, rank 2 is frozen and says nothing.
+  Coordinator c(repair_config(4, 1, 2000), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(3, 0, at_ms(1)).empty());
+  ClosedRound r = only_close(all_ready(c, {0, 1, 2}, 1, at_ms(2)));
+  ASSERT_EQ(r.catchups, (std::vector<CatchUp>{{3, 0}}));
+
+  EXPECT_TRUE(c.failed(0, 1, at_ms(100)).empty());
+  EXPECT_TRUE(c.failed(1, 1, at_ms(200)).empty());
+  ASSERT_TRUE(c.next_deadline());
+  EXPECT_EQ(*c.next_deadline(), at_ms(2100));
+  EXPECT_TRUE(c.tick(at_ms(2099)).empty());
+  r = only_close(c.tick(at_ms(2100)));
+  EXPECT_EQ(r.step, 1u);
+  EXPECT_EQ(r.attempt, 1u);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1})) << "without frozen rank 2";
+  EXPECT_EQ(r.catchups, (std::vector<CatchUp>{{3, 0}})) << "donor 0 retries: pair kept";
+  EXPECT_EQ(r.ordered_before, std::vector<int>{3});
+  EXPECT_EQ(c.open_step(), 2u);
+  // Rank 3 still waits for donor 0's state of step 1: it gets no second order.
+  for (const auto& [rank, order] : orders_for(r)) {
+    EXPECT_NE(rank, 3) << "a second CATCHUP would be a stale order in rank 3's channel";
+    EXPECT_EQ(order.attempt, 1u) << "rank " << rank;
+  }
+  // The frozen rank wakes up and reports its failure: caught up at the next close.
+  EXPECT_TRUE(c.failed(2, 1, at_ms(3000)).empty());
+  r = only_close(all_ready(c, {0, 3, 1}, 2, at_ms(3100)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 3}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
+  EXPECT_NE(r.catchups[0].donor_rank, 2);
+}
+
+TEST(CoordinatorRepair, LeftOutDonorAndStaleStateAreCaughtUp) {
+  // The donor of rank 3 (rank 0) is the one that froze; rank 0 may even have completed the
+  // abandoned attempt: whatever it or rank 3 report next must not join a step.
+  Coordinator c(repair_config(4, 1, 1000), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(3, 0, at_ms(1)).empty());
+  ClosedRound r = only_close(all_ready(c, {0, 1, 2}, 1, at_ms(2)));
+  ASSERT_EQ(r.catchups, (std::vector<CatchUp>{{3, 0}}));
+  EXPECT_TRUE(c.failed(1, 1, at_ms(10)).empty());
+  EXPECT_TRUE(c.failed(2, 1, at_ms(20)).empty());
+  r = only_close(c.tick(at_ms(1010)));
+  EXPECT_EQ(r.participants, (std::vector<int>{1, 2}));
+  EXPECT_TRUE(r.catchups.empty()) << "donor 0 is gone: rank 3 will give up and be queued";
+  EXPECT_TRUE(r.ordered_before.empty());
+  EXPECT_TRUE(c.failed(3, 1, at_ms(1020)).empty()) << "catch-up receive timed out: late";
+  EXPECT_TRUE(c.ready(0, 2, at_ms(1030)).empty()) << "state of the abandoned attempt: late";
+  // Two late ranks: the target is min(3, 4 - 2) = 2.
+  r = only_close(all_ready(c, {1, 2}, 2, at_ms(1040)));
+  EXPECT_EQ(r.participants, (std::vector<int>{1, 2}));
+  std::vector<int> late;
+  for (const CatchUp& cu : r.catchups) {
+    late.push_back(cu.late_rank);
+    EXPECT_TRUE(has(r.participants, cu.donor_rank)) << "donor of rank " << cu.late_rank;
+  }
+  EXPECT_EQ(late, (std::vector<int>{0, 3}));
+}
+
+TEST(CoordinatorRepair, LateRanksQueuedDuringTheWindowAreCaughtUpByTheRepair) {
+  Coordinator c(repair_config(3, 1, 1000), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c.failed(0, 0, at_ms(10)).empty());
+  EXPECT_TRUE(c.ready(2, 0, at_ms(20)).empty()) << "straggler: late for step 0";
+  ClosedRound r = only_close(c.failed(1, 0, at_ms(30)));
+  EXPECT_EQ(r.attempt, 1u);
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1}));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
+  EXPECT_TRUE(r.ordered_before.empty()) << "rank 2 waits for an order: it gets one";
+  r = only_close(all_ready(c, {2, 1}, 1, at_ms(40)));
+  EXPECT_EQ(r.participants, (std::vector<int>{1, 2}));
+}
+
+TEST(CoordinatorRepair, AttemptLimitAborts) {
+  Coordinator c(repair_config(2, 0), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  for (uint32_t attempt = 1; attempt < kMaxStepAttempts; ++attempt) {
+    EXPECT_TRUE(c.failed(1, 0, at_ms(attempt)).empty());
+    ClosedRound r = only_close(c.failed(0, 0, at_ms(attempt)));
+    EXPECT_EQ(r.attempt, attempt);
+  }
+  EXPECT_TRUE(c.failed(0, 0, at_ms(100)).empty());
+  Decisions d = c.failed(1, 0, at_ms(100));
+  EXPECT_TRUE(d.closed.empty());
+  ASSERT_TRUE(d.abort);
+  EXPECT_NE(d.abort->find("step 0 failed 16 times"), std::string::npos) << *d.abort;
+  EXPECT_TRUE(c.aborted());
+}
+
+TEST(CoordinatorRepair, FailedViolationsAbort) {
+  Coordinator c(repair_config(2, 0), kT0);
+  Decisions d = c.failed(0, 0, at_ms(0));
+  ASSERT_TRUE(d.abort) << "FAILED before any order";
+  EXPECT_NE(d.abort->find("rank 0"), std::string::npos) << *d.abort;
+
+  Coordinator c2(repair_config(2, 0), kT0);
+  only_close(all_ready(c2, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c2.failed(0, 0, at_ms(1)).empty());
+  d = c2.failed(0, 0, at_ms(2));
+  ASSERT_TRUE(d.abort) << "second FAILED while waiting";
+  EXPECT_NE(d.abort->find("FAILED(0)"), std::string::npos) << *d.abort;
+}
+
+TEST(CoordinatorRepair, FinishProvesCompletionOfTheLastStep) {
+  Coordinator c(repair_config(3, 0), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.failed(2, 0, at_ms(1)).empty());
+  EXPECT_TRUE(c.finish(0, 1, at_ms(2)).empty());
+  EXPECT_FALSE(c.next_deadline()) << "FINISH(1) proves step 0 completed";
+  ClosedRound r = only_close(c.finish(1, 1, at_ms(3)));
+  EXPECT_TRUE(r.final_round);
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
 }
 
 // Drives the coordinator with every rank as a simulated process: each reports, gets its order,

@@ -9,8 +9,11 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <memory>
+#include <optional>
 #include <thread>
+#include <vector>
 
 #include "base/error.h"
 #include "control_harness.h"
@@ -298,6 +301,71 @@ TEST(TcpControl, ServerShutdownReleasesWaitingClients) {
   server.reset();
   waiter.join();
   EXPECT_NE(error.find("shut down"), std::string::npos) << error;
+}
+
+TEST(TcpControl, BusyReturnsTheCatchUpOrNothing) {
+  // W = 3, b = 1. Rank 0 is the busy one: the server handles frames that arrive together in
+  // rank order, and rank 0's BUSY is in the server's socket before the READY that closes the
+  // step is sent, so the coordinator always sees the BUSY first.
+  TcpControlServer server(server_options(3, 1));
+  auto channels = connect_all(server, 3);
+  using std::chrono::milliseconds;
+  StepOrder o1;
+  std::thread r1([&] { o1 = channels[1]->ready(0); });
+  EXPECT_FALSE(channels[0]->busy(0, milliseconds(50))) << "one READY cannot close step 0";
+  StepOrder o2;
+  std::thread r2([&] { o2 = channels[2]->ready(0); });
+  // The step closes during this wait (the repeated BUSY is ignored).
+  std::optional<StepOrder> o0 = channels[0]->busy(0, std::chrono::seconds(20));
+  r1.join();
+  r2.join();
+  ASSERT_TRUE(o0) << "the catch-up order did not arrive during the wait";
+  EXPECT_EQ(o0->kind, OrderKind::kCatchUp);
+  EXPECT_EQ(o0->step, 0u);
+  EXPECT_EQ(o1.participants, (std::vector<int>{1, 2}));
+  ASSERT_EQ(o1.catchups.size(), 1u);
+  EXPECT_EQ(o1.catchups[0].late_rank, 0);
+  EXPECT_EQ(o0->donor, o1.catchups[0].donor_rank);
+
+  // Step 1: the wait runs out first; ready(1) then returns the catch-up that came meanwhile.
+  EXPECT_FALSE(channels[0]->busy(1, milliseconds(20)));
+  r1 = std::thread([&] { o1 = channels[1]->ready(1); });
+  o2 = channels[2]->ready(1);
+  r1.join();
+  StepOrder late = channels[0]->ready(1);
+  EXPECT_EQ(late.kind, OrderKind::kCatchUp);
+  EXPECT_EQ(late.step, 1u);
+  EXPECT_EQ(o2.participants, (std::vector<int>{1, 2}));
+
+  std::vector<std::thread> finishing;
+  for (size_t r = 0; r < 3; ++r) {
+    finishing.emplace_back(
+        [&, r] { EXPECT_TRUE(channels[r]->finish(2).final_round) << "rank " << r; });
+  }
+  for (auto& t : finishing) t.join();
+  EXPECT_FALSE(server.abort_reason());
+}
+
+TEST(TcpControl, FailedRingIsReclosedWithTheNextAttempt) {
+  TcpControlServer server(server_options(2, 0));
+  auto channels = connect_all(server, 2);
+  StepOrder o0;
+  std::thread r0([&] { o0 = channels[0]->ready(0); });
+  StepOrder o1 = channels[1]->ready(0);
+  r0.join();
+  r0 = std::thread([&] { o0 = channels[0]->failed(0); });
+  o1 = channels[1]->failed(0);
+  r0.join();
+  for (const StepOrder* o : {&o0, &o1}) {
+    EXPECT_EQ(o->kind, OrderKind::kParticipate);
+    EXPECT_EQ(o->step, 0u);
+    EXPECT_EQ(o->attempt, 1u);
+    EXPECT_EQ(o->participants, (std::vector<int>{0, 1}));
+  }
+  r0 = std::thread([&] { channels[0]->finish(1); });
+  EXPECT_TRUE(channels[1]->finish(1).final_round);
+  r0.join();
+  EXPECT_FALSE(server.abort_reason());
 }
 
 TEST(TcpControl, StopRequestReachesEveryRank) {
