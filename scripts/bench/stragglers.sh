@@ -16,7 +16,7 @@ while getopts "n:s:d:t:" opt; do
   esac
 done
 
-resync=build/default/runtime/resync
+resync=${RESYNC:-build/default/runtime/resync}
 [ -x "$resync" ] || scripts/build.sh default
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 out=$(mktemp -d)

@@ -208,5 +208,49 @@ def scenario_plain_sync_unchanged_by_delays():
         fail(f"plain sync dropped gradients: {b}")
 
 
+def scenario_stranger_refused():
+    # A connection to the control port without the job token is refused; the run goes on.
+    import re
+    import socket
+    import time
+    path = os.path.join(TMP, "stranger.jsonl")
+    cmd = [MPIEXEC, "-np", "2", "--oversubscribe", "--bind-to", "none", RESYNC, "train",
+           "--metrics", path] + QUICK[:-2] + ["--steps", "3000", "--log-level", "info"]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    address = None
+    deadline = time.time() + 60
+    while address is None and time.time() < deadline:
+        line = job.stdout.readline()
+        if not line:
+            break
+        log.append(line)
+        m = re.search(r"coordinator listening on ([^ ]+):(\d+)", line)
+        if m:
+            address = (m.group(1), int(m.group(2)))
+    if address is None:
+        job.kill()
+        fail("the coordinator's address never appeared in the log:\n" + "".join(log[-20:]))
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 64)
+        s.settimeout(10)
+        try:
+            closed = s.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+    if not closed:
+        job.kill()
+        fail("the coordinator kept a connection that presented no job token")
+    out, _ = job.communicate(timeout=240)
+    log.append(out)
+    text = "".join(log)
+    if job.returncode != 0:
+        fail(f"the run did not survive a stranger's connection (exit {job.returncode}):\n{text[-3000:]}")
+    if "refus" not in text:
+        fail("the refused connection was not logged")
+    if not summary([json.loads(l) for l in open(path)])["ranks_agree"]:
+        fail("ranks disagree")
+
+
 globals()["scenario_" + SCENARIO]()
 print(f"PASS [{SCENARIO}]")
