@@ -7,6 +7,8 @@
 #include <numeric>
 
 #include "base/error.h"
+#include "collectives/float_sum.h"
+#include "collectives/participants.h"
 
 namespace resync::collectives {
 
@@ -62,10 +64,6 @@ struct Cursor {
   }
 };
 
-void add_into(float* __restrict dst, const float* __restrict src, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
 }  // namespace
 
 RingAllreduce::RingAllreduce(Context& ctx, RingOptions options)
@@ -102,16 +100,7 @@ void RingAllreduce::allreduce_sum(std::span<float> data, std::span<const int> pa
 void RingAllreduce::allreduce_sum(std::span<float> data, std::span<const int> participants,
                                   uint64_t seq) {
   const int p = static_cast<int>(participants.size());
-  int me = -1;
-  for (int i = 0; i < p; ++i) {
-    const int r = participants[i];
-    RESYNC_CHECK_ARG(r >= 0 && r < ctx_.size(),
-                     fmt::format("participant {} outside world 0..{}", r, ctx_.size() - 1));
-    RESYNC_CHECK_ARG(i == 0 || participants[i - 1] < r, "participants must be sorted and distinct");
-    if (r == ctx_.rank()) me = i;
-  }
-  RESYNC_CHECK_ARG(me >= 0, fmt::format("rank {} is not among the {} participants of seq {}",
-                                        ctx_.rank(), p, seq));
+  const int me = position_in_participants(participants, ctx_.rank(), ctx_.size(), seq);
   if (p == 1 || data.empty()) return;
 
   const Plan plan{data.size(),
@@ -203,7 +192,8 @@ void RingAllreduce::run(const Plan& plan, std::span<float> data, uint64_t seq) {
             seq, ctx_.rank(), n_got, plan.left, seg.size_bytes(), plan.n_elems));
       }
       if (done.t < reduce_steps) {
-        add_into(seg.data(), scratch_.data() + (done.index % depth) * slot_elems_, seg.size());
+        add_into(seg, std::span<const float>(scratch_).subspan((done.index % depth) * slot_elems_,
+                                                               seg.size()));
       }
       done.advance(n_steps, recv_segments);
       progressed = true;

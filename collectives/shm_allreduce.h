@@ -13,15 +13,33 @@
 
 namespace resync::collectives {
 
+// Whether peers on the node may read each other's ordinary memory with Linux cross-memory
+// attach (process_vm_readv), as Open MPI's single-copy transfers do.
+enum class CmaUse : uint8_t {
+  kAuto,  // if a probe at start-up succeeds on every rank of the node
+  kOff,
+};
+
 struct ShmOptions {
   // One pipeline block of the blocked path, in bytes (rounded to whole cache lines). Each rank's
   // segment holds four blocks: two sets (consecutive calls) of two halves (consecutive blocks).
-  // The small path takes buffers of up to one block.
-  size_t block_bytes = 256 * 1024;
+  // The small path goes block by block too. 128 KiB measured best at 2 and 4 ranks on 2 cores
+  // (docs/benchmarks.md).
+  size_t block_bytes = 128 * 1024;
+  // Pipeline block of the direct path (nothing is staged, so larger blocks only mean fewer
+  // waits; 2 MiB measured best).
+  size_t direct_block_bytes = 2 * 1024 * 1024;
   // How long a waiting rank spins before it yields the CPU, in nanoseconds; negative: 20 us when
   // the node has at least as many cores as ranks, otherwise 0 (a spinning waiter would steal the
   // time slice of the very rank it waits for).
   long spin_ns = -1;
+  // Floats of this rank's shared buffer (shared_buffer()): data placed there is summed with
+  // no copy into the segment (allreduce_direct). 0: none.
+  size_t direct_elems = 0;
+  // Cross-memory attach for buffers outside the shared buffer (allreduce_cma), and its
+  // pipeline block.
+  CmaUse cma = CmaUse::kAuto;
+  size_t cma_block_bytes = 512 * 1024;
   // Fault injection for tests: after publishing this many progress events of a call the rank
   // returns from it without finishing, as if it had died there (0: never).
   uint64_t vanish_after_events = 0;
@@ -58,9 +76,10 @@ class ShmAllreduce {
   size_t block_bytes() const { return block_elems_ * sizeof(float); }
   bool spins() const { return spin_ns_ > 0; }
 
-  // Latency path (data up to block_bytes()): every participant publishes its whole buffer and
-  // then sums all of them in participant order, so each computes the identical sum itself.
-  // One wait per call.
+  // Latency path: every participant publishes its whole buffer and then sums all of them in
+  // participant order, so each computes the identical sum itself; one wait per block (a
+  // buffer of up to one block: one wait per call). Each rank reads p-1 buffers, so beyond a
+  // few ranks and KiB the blocked path moves less; with two ranks it moves as much.
   void allreduce_small(std::span<float> data, std::span<const int> participants, uint64_t seq);
 
   // Bandwidth path, block by block: each participant copies its block into its segment, reduces
@@ -68,31 +87,67 @@ class ShmAllreduce {
   // copies the others' reduced chunks back (reduce-scatter + all-gather without messages).
   void allreduce_blocked(std::span<float> data, std::span<const int> participants, uint64_t seq);
 
+  // This rank's part of the window that peers can read directly (options.direct_elems floats).
+  std::span<float> shared_buffer() const { return {segments_[node_rank()].direct, direct_elems_}; }
+  bool in_shared_buffer(std::span<const float> data) const;
+
+  // Whether allreduce_cma works on this node (agreed by all its ranks at start-up).
+  bool cma_available() const { return cma_ok_; }
+
+  // The direct path for ordinary buffers: the same steps as allreduce_direct, reading the
+  // peers' buffers straight out of their address space with process_vm_readv (one kernel
+  // copy per byte instead of the blocked path's two), the window carrying only the progress
+  // words. Needs cma_available().
+  void allreduce_cma(std::span<float> data, std::span<const int> participants, uint64_t seq);
+
+  // Zero-copy bandwidth path for data inside shared_buffer() (on every participant, anywhere
+  // in it): each participant reduces its chunk in place straight from the others' buffers and
+  // copies their reduced chunks, with no staging copy. Returns once every participant has
+  // finished reading this rank's buffer (so the caller may overwrite it).
+  void allreduce_direct(std::span<float> data, std::span<const int> participants, uint64_t seq);
+
  private:
   struct Segment {
-    uint64_t* words;  // [2]: set 0 and set 1 progress words, on separate cache lines
+    uint64_t* words;  // per set, on its own cache line: progress, count, kind, offset
     float* data;      // [2 sets][2 halves][block_elems_]
+    float* direct;    // [direct_elems_]
   };
+  // Which algorithm a call runs; published with it, so that mismatches fail loudly.
+  enum class Kind : uint64_t { kSmall = 1, kBlocked = 2, kDirect = 3, kCma = 4 };
   class Call;
+  struct Block;
 
-  uint64_t claim_set(const Call& call);
+  int claim_set(Call& call);
+  bool probe_cma();
+  void read_peer(const Call& call, int pos, float* dst, const float* remote, size_t n_elems);
   std::span<const int> begin_call(std::span<const int> participants, uint64_t seq, int* me);
 
   Context& ctx_;
   ShmOptions options_;
   size_t block_elems_;
+  size_t direct_block_elems_;
+  size_t direct_elems_;
+  size_t cma_block_elems_;
+  bool cma_ok_ = false;
+  uint64_t cma_probe_ = 0;  // a value peers read from our memory at start-up
+  std::vector<float> cma_staging_;  // peers' chunks of one block, read for the reduction
   long spin_ns_;
   MPI_Comm node_comm_ = MPI_COMM_NULL;
   MPI_Win win_ = MPI_WIN_NULL;
-  std::vector<int> local_of_;     // context rank -> node-local rank, -1 if on another node
-  std::vector<int> world_of_;     // node-local rank -> context rank
+  std::vector<int> local_of_;      // context rank -> node-local rank, -1 if on another node
+  std::vector<int> world_of_;      // node-local rank -> context rank
   std::vector<Segment> segments_;  // by node-local rank
   // Per set: seq tag of the last call that used it and that call's other participants (local
   // ranks), who may still read it.
   uint64_t set_tag_[2] = {~0ull, ~0ull};
   std::vector<int> set_readers_[2];
   int last_set_ = 1;
-  std::vector<int> locals_;  // per call: participants as node-local ranks, in order
+  // Per call, sized once: participants as node-local ranks in order, the set each of them
+  // uses for the call, and the sources of a sum.
+  std::vector<int> locals_;
+  std::vector<int> peer_set_;
+  std::vector<size_t> peer_offset_;
+  std::vector<const float*> srcs_;
 };
 
 }  // namespace resync::collectives
