@@ -89,8 +89,9 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   }
   // One passive-target epoch for the window's lifetime: from here on it is plain memory.
   RESYNC_CHECK_MPI(MPI_Win_lock_all(MPI_MODE_NOCHECK, win_));
-  store(set_word(segments_[node_rank].words, 0), 0, std::memory_order_relaxed);
-  store(set_word(segments_[node_rank].words, 1), 0, std::memory_order_relaxed);
+  uint64_t* my_words = segments_[node_rank].words;
+  store(set_word(my_words, 0), 0, std::memory_order_relaxed);
+  store(set_word(my_words, 1), 0, std::memory_order_relaxed);
   // Touch our own blocks now, so no call pays for page faults.
   std::memset(segments_[node_rank].data, 0, blocks_bytes + direct_elems_ * sizeof(float));
   RESYNC_CHECK_MPI(MPI_Win_sync(win_));

@@ -13,13 +13,6 @@
 
 namespace resync::collectives {
 
-// Whether peers on the node may read each other's ordinary memory with Linux cross-memory
-// attach (process_vm_readv), as Open MPI's single-copy transfers do.
-enum class CmaUse : uint8_t {
-  kAuto,  // if a probe at start-up succeeds on every rank of the node
-  kOff,
-};
-
 struct ShmOptions {
   // One pipeline block of the blocked path, in bytes (rounded to whole cache lines). Each rank's
   // segment holds four blocks: two sets (consecutive calls) of two halves (consecutive blocks).
@@ -36,10 +29,6 @@ struct ShmOptions {
   // Floats of this rank's shared buffer (shared_buffer()): data placed there is summed with
   // no copy into the segment (allreduce_direct). 0: none.
   size_t direct_elems = 0;
-  // Cross-memory attach for buffers outside the shared buffer (allreduce_cma), and its
-  // pipeline block.
-  CmaUse cma = CmaUse::kAuto;
-  size_t cma_block_bytes = 512 * 1024;
   // Fault injection for tests: after publishing this many progress events of a call the rank
   // returns from it without finishing, as if it had died there (0: never).
   uint64_t vanish_after_events = 0;
@@ -91,15 +80,6 @@ class ShmAllreduce {
   std::span<float> shared_buffer() const { return {segments_[node_rank()].direct, direct_elems_}; }
   bool in_shared_buffer(std::span<const float> data) const;
 
-  // Whether allreduce_cma works on this node (agreed by all its ranks at start-up).
-  bool cma_available() const { return cma_ok_; }
-
-  // The direct path for ordinary buffers: the same steps as allreduce_direct, reading the
-  // peers' buffers straight out of their address space with process_vm_readv (one kernel
-  // copy per byte instead of the blocked path's two), the window carrying only the progress
-  // words. Needs cma_available().
-  void allreduce_cma(std::span<float> data, std::span<const int> participants, uint64_t seq);
-
   // Zero-copy bandwidth path for data inside shared_buffer() (on every participant, anywhere
   // in it): each participant reduces its chunk in place straight from the others' buffers and
   // copies their reduced chunks, with no staging copy. Returns once every participant has
@@ -113,13 +93,11 @@ class ShmAllreduce {
     float* direct;    // [direct_elems_]
   };
   // Which algorithm a call runs; published with it, so that mismatches fail loudly.
-  enum class Kind : uint64_t { kSmall = 1, kBlocked = 2, kDirect = 3, kCma = 4 };
+  enum class Kind : uint64_t { kSmall = 1, kBlocked = 2, kDirect = 3 };
   class Call;
   struct Block;
 
   int claim_set(Call& call);
-  bool probe_cma();
-  void read_peer(const Call& call, int pos, float* dst, const float* remote, size_t n_elems);
   std::span<const int> begin_call(std::span<const int> participants, uint64_t seq, int* me);
 
   Context& ctx_;
@@ -127,10 +105,6 @@ class ShmAllreduce {
   size_t block_elems_;
   size_t direct_block_elems_;
   size_t direct_elems_;
-  size_t cma_block_elems_;
-  bool cma_ok_ = false;
-  uint64_t cma_probe_ = 0;  // a value peers read from our memory at start-up
-  std::vector<float> cma_staging_;  // peers' chunks of one block, read for the reduction
   long spin_ns_;
   MPI_Comm node_comm_ = MPI_COMM_NULL;
   MPI_Win win_ = MPI_WIN_NULL;

@@ -56,10 +56,6 @@ inline uint64_t* set_word(uint64_t* words, int set) { return words + set * kWord
 inline uint64_t* count_word(uint64_t* words, int set) { return words + set * kWordStride + 1; }
 inline uint64_t* kind_word(uint64_t* words, int set) { return words + set * kWordStride + 2; }
 inline uint64_t* offset_word(uint64_t* words, int set) { return words + set * kWordStride + 3; }
-// Written once at start-up, on the third line: the owner's pid and the address, in its own
-// address space, of a value peers read to probe cross-memory attach.
-inline uint64_t* pid_word(uint64_t* words) { return words + 2 * kWordStride; }
-inline uint64_t* probe_word(uint64_t* words) { return words + 2 * kWordStride + 1; }
 
 inline const char* kind_name(uint64_t kind) {
   switch (kind) {
@@ -69,8 +65,6 @@ inline const char* kind_name(uint64_t kind) {
       return "blocked";
     case 3:
       return "direct (shared buffer)";
-    case 4:
-      return "cma (ordinary buffer)";
   }
   return "?";
 }
@@ -198,11 +192,6 @@ class ShmAllreduce::Call {
   const float* peer_direct(int pos) const {
     return shm_.segments_[locals_[pos]].direct + shm_.peer_offset_[pos];
   }
-  // Participant `pos`'s data in its own address space (cma calls, known after a wait).
-  const float* peer_address(int pos) const {
-    return reinterpret_cast<const float*>(shm_.peer_offset_[pos]);
-  }
-  int world_rank_of(int pos) const { return shm_.world_of_[locals_[pos]]; }
 
   // After reading participant `pos`'s own buffer: it must still be in the call, or its caller
   // may have been overwriting what we read (seqlock-style: the reads come before this load).

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <numeric>
 #include <optional>
 #include <span>
@@ -114,15 +115,24 @@ void fill_timing(std::span<float> data) {
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i & 1);
 }
 
-double max_over_world(double v) {
-  RESYNC_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
-  return v;
+// Reduces one value over every rank without spinning: ranks that sit out the measured calls
+// wait here for the participants, and Open MPI's blocking collectives would burn the very CPU
+// the participants are measured on.
+template <typename T>
+T reduce_over_world(T v, MPI_Datatype type, MPI_Op op) {
+  MPI_Request request = MPI_REQUEST_NULL;
+  RESYNC_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, &v, 1, type, op, MPI_COMM_WORLD, &request));
+  for (;;) {
+    int done = 0;
+    RESYNC_CHECK_MPI(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+    if (done != 0) return v;
+    const timespec pause{0, 20'000};
+    nanosleep(&pause, nullptr);
+  }
 }
 
-uint64_t sum_over_world(uint64_t v) {
-  RESYNC_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
-  return v;
-}
+double max_over_world(double v) { return reduce_over_world(v, MPI_DOUBLE, MPI_MAX); }
+uint64_t sum_over_world(uint64_t v) { return reduce_over_world(v, MPI_UINT64_T, MPI_SUM); }
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
