@@ -52,6 +52,20 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
   return orders;
 }
 
+void log_closed_round(const ClosedRound& round) {
+  auto log = log::get("coll");
+  if (round.attempt > 0) {
+    log->warn("control: step {} re-closed after a failed all-reduce (attempt {}): "
+              "participants {}, catch-ups {}",
+              round.step, round.attempt, round.participants, round.catchups.size());
+  } else {
+    log->debug("control: {} {} closed{}: participants {}, catch-ups {}",
+               round.final_round ? "final round after" : "step", round.step,
+               round.timed_out ? " by the straggler timeout" : "", round.participants,
+               round.catchups.size());
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // JobToken
 
@@ -340,16 +354,7 @@ struct LocalHubState {
     if (d.empty()) return;
     auto log = log::get("coll");
     for (const ClosedRound& round : d.closed) {
-      if (round.attempt > 0) {
-        log->warn(
-            "control: step {} re-closed after a failed all-reduce (attempt {}): "
-            "participants {}, catch-ups {}",
-            round.step, round.attempt, round.participants, round.catchups.size());
-      } else {
-        log->debug("control: {} {} closed: participants {}, catch-ups {}",
-                   round.final_round ? "final round" : "step", round.step, round.participants,
-                   round.catchups.size());
-      }
+      log_closed_round(round);
       for (auto& [rank, order] : orders_for(round)) {
         mailbox[static_cast<size_t>(rank)] = std::move(order);
       }

@@ -60,6 +60,10 @@ struct StepOrder {
 // per late rank (kCatchUp) except those in round.ordered_before, ascending by rank.
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round);
 
+// Logs a closed round on the "coll" logger (a re-closed step as a warning), the same way for
+// the TCP and the in-process control plane.
+void log_closed_round(const ClosedRound& round);
+
 // One rank's end of the control plane. The training thread is its only user, except
 // request_stop(), which any thread may call.
 class ControlChannel {

@@ -415,17 +415,7 @@ void TcpControlServer::Impl::handle_frames(Conn& conn, CoordTime now) {
 
 void TcpControlServer::Impl::apply(Decisions&& d, CoordTime now) {
   for (const ClosedRound& round : d.closed) {
-    if (round.attempt > 0) {
-      log->warn(
-          "control: step {} re-closed after a failed all-reduce (attempt {}): "
-          "participants {}, catch-ups {}",
-          round.step, round.attempt, round.participants, round.catchups.size());
-    } else {
-      log->debug("control: {} {} closed{}: participants {}, catch-ups {}",
-                 round.final_round ? "final round after" : "step", round.step,
-                 round.timed_out ? " by the straggler timeout" : "", round.participants,
-                 round.catchups.size());
-    }
+    log_closed_round(round);
     for (auto& [rank, order] : orders_for(round)) {
       Message msg = message_of(MsgType::kOrder);
       msg.order = std::move(order);

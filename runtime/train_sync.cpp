@@ -320,8 +320,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         continue;
       }
       // Gradient exchange over the participants only (a retry starts from the own gradient).
-      if (order.attempt > 0) std::copy(grad_backup.begin(), grad_backup.end(), grads.begin());
-      if (straggler_mode) std::copy(grads.begin(), grads.end(), grad_backup.begin());
+      if (order.attempt > 0) {
+        std::copy(grad_backup.begin(), grad_backup.end(), grads.begin());
+      } else if (straggler_mode) {
+        std::copy(grads.begin(), grads.end(), grad_backup.begin());
+      }
       try {
         ring.allreduce_sum(grads, order.participants, order.step * kAttemptsPerStep + order.attempt);
         participated = true;
