@@ -118,6 +118,26 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(inject_delay_validator());
 
+  app.add_option("--mode", cfg.mode,
+                 "sync: ring all-reduce; async: parameter servers (ranks 0..ps-1)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"sync", "async"}));
+  app.add_option("--ps", cfg.ps, "Async mode: number of parameter-server ranks")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--max-staleness", cfg.max_staleness,
+                 "Async mode: drop gradients computed more than K versions ago (-1 = no bound)")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, 1 << 30));
+  app.add_option("--device", cfg.device, "Where each rank computes: cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--collective", cfg.collective,
+                 "Gradient all-reduce: ring (resync, straggler-tolerant) or nccl "
+                 "(--device cuda, plain sync only)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"ring", "nccl"}));
+
   app.add_option("--segment-kib", cfg.segment_kib, "Ring all-reduce segment size in KiB")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
@@ -128,6 +148,18 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{10}, int64_t{3'600'000}));
 
+  app.add_option("--checkpoint-dir", cfg.checkpoint_dir,
+                 "Directory for checkpoints (written by rank 0; also on SIGTERM/SIGUSR1)");
+  app.add_option("--checkpoint-every", cfg.checkpoint_every,
+                 "Write a checkpoint every N steps (0 = only on preemption and at the end)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{0}, size_t{1'000'000'000}));
+  app.add_option("--checkpoint-keep", cfg.checkpoint_keep, "Keep the newest K checkpoints")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1'000'000}));
+  app.add_flag("--resume", cfg.resume,
+               "Continue from the newest valid checkpoint in --checkpoint-dir (if any)");
+
   app.add_option("--metrics", cfg.metrics, "Write JSON Lines metrics to this file (rank 0)");
   app.add_option("--metrics-every", cfg.metrics_every, "Write every k-th step record")
       ->capture_default_str()
@@ -135,6 +167,16 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--log-level", cfg.log_level, "trace, debug, info, warn, error, off")
       ->capture_default_str()
       ->check(log_level_validator());
+  app.add_option("--timeline", cfg.timeline,
+                 "Write a Chrome-trace timeline per rank to FILE.rank<N>.json");
+  app.add_option("--progress", cfg.progress,
+                 "Rank 0's progress: auto (live line on a terminal, else plain lines), line, off")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "line", "off"}));
+  app.add_option("--progress-every-s", cfg.progress_every_s,
+                 "Seconds between plain progress lines (batch logs)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 1e6));
 }
 
 void validate_for_world(const TrainConfig& cfg, int world_size) {
@@ -146,6 +188,28 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
   if (cfg.min_quorum > world_size) {
     throw InvalidArgument(fmt::format("--min-quorum {} exceeds the number of ranks ({})",
                                       cfg.min_quorum, world_size));
+  }
+  if (cfg.mode == "async") {
+    if (cfg.ps >= world_size) {
+      throw InvalidArgument(fmt::format(
+          "--ps {} leaves no worker: async mode needs more ranks than servers ({} ranks)",
+          cfg.ps, world_size));
+    }
+    if (cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0) {
+      throw InvalidArgument(
+          "--backup-workers and --straggler-timeout-ms apply to --mode sync only");
+    }
+  }
+  if (cfg.collective == "nccl" && cfg.device != "cuda") {
+    throw InvalidArgument("--collective nccl needs --device cuda");
+  }
+  if (cfg.collective == "nccl" && (cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0)) {
+    throw InvalidArgument(
+        "--collective nccl waits for every rank; use --collective ring with --backup-workers "
+        "or --straggler-timeout-ms");
+  }
+  if ((cfg.checkpoint_every > 0 || cfg.resume) && cfg.checkpoint_dir.empty()) {
+    throw InvalidArgument("--checkpoint-every and --resume need --checkpoint-dir");
   }
   const DelaySpec spec = parse_delay_spec(cfg.inject_delay);
   if (spec.kind == DelayKind::kFixedRank && spec.rank >= world_size) {
@@ -159,11 +223,16 @@ std::string describe(const TrainConfig& c) {
       "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
       "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} segment-kib={} "
-      "ring-timeout-ms={} metrics={} metrics-every={} log-level={}",
+      "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
+      "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
+      "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
       c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
       c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.segment_kib,
-      c.ring_timeout_ms, c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level);
+      c.ring_timeout_ms, c.mode, c.ps, c.max_staleness, c.device, c.collective,
+      c.checkpoint_dir.empty() ? "-" : c.checkpoint_dir, c.checkpoint_every, c.checkpoint_keep,
+      c.resume, c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level,
+      c.timeline.empty() ? "-" : c.timeline, c.progress, c.progress_every_s);
 }
 
 }  // namespace resync::runtime

@@ -36,14 +36,28 @@ struct TrainConfig {
   double stall_warning_s = 60;
   double stall_abort_s = 0;  // 0 = never abort
   std::string inject_delay = "none";
-  // Collectives.
+  // Mode: synchronous ring, or asynchronous parameter servers (DESIGN.md, "Asynchronous mode").
+  std::string mode = "sync";  // sync | async
+  int ps = 1;                 // async: ranks 0..ps-1 are parameter servers
+  int max_staleness = -1;     // async: drop gradients staler than this (-1 = no bound)
+  // Device and collectives.
+  std::string device = "cpu";        // cpu | cuda
+  std::string collective = "ring";   // ring | nccl (plain sync on cuda only)
   size_t segment_kib = 512;
   int64_t ring_timeout_ms = 2000;  // with backup workers/timeout: give up on a frozen peer
+  // Checkpoints and preemption.
+  std::string checkpoint_dir;  // empty = no checkpoints
+  size_t checkpoint_every = 0;  // steps; 0 = only on preemption and at the end
+  size_t checkpoint_keep = 3;   // newest checkpoints kept
+  bool resume = false;          // continue from the newest valid checkpoint in checkpoint_dir
   // Outputs.
   std::string metrics;  // JSON Lines file written by rank 0; empty = none
   size_t metrics_every = 1;
   std::string log_level = "info";
   bool eval_every_epoch = true;
+  std::string timeline;     // Chrome-trace JSON per rank (FILE.rank<N>.json); empty = none
+  std::string progress = "auto";  // auto (a live line on a terminal) | line | off
+  double progress_every_s = 30;   // interval of the plain progress line (not a terminal)
 };
 
 // Declares the `train` flags on `app` (a CLI11 subcommand), bound to `cfg`, with --config.

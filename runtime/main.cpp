@@ -95,7 +95,11 @@ int main(int argc, char** argv) {
     resync::collectives::MpiSession mpi(&argc, &argv);
     rank = mpi.rank();
     resync::log::init(rank, cfg.log_level);
-    resync::runtime::train_sync(cfg, mpi);
+    if (cfg.mode == "async") {
+      resync::runtime::train_async(cfg, mpi);
+    } else {
+      resync::runtime::train_sync(cfg, mpi);
+    }
     return kExitOk;
   } catch (const resync::InvalidArgument& e) {
     // Set-up errors are agreed on: exactly one rank reports, every rank exits 2.

@@ -18,6 +18,11 @@ namespace resync::runtime {
 // gets the same summary values). Throws InvalidArgument/DataError for bad input, Error otherwise.
 SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi);
 
+// Asynchronous parameter-server training (--mode async): ranks 0..ps-1 serve parameter shards,
+// the others push gradients and pull fresh parameters without waiting for each other. Same
+// contract as train_sync.
+SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi);
+
 // True for the error a rank raises when its own set-up worked but another rank's failed: that
 // rank reports the problem, this one should exit with code 2 without repeating it.
 bool is_quiet_peer_failure(const std::exception& e);
