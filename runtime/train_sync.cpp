@@ -28,6 +28,7 @@
 #include "runtime/inject_delay.h"
 #include "runtime/optimizer.h"
 #include "runtime/train.h"
+#include "runtime/train_common.h"
 
 namespace resync::runtime {
 namespace {
@@ -39,26 +40,6 @@ constexpr uint64_t kAttemptsPerStep = 16;
 
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
-// Test-set loss and accuracy of the current parameters, in batches of the model's max batch.
-EvalRecord evaluate(models::Model& model, const Dataset& test, size_t batch_size,
-                    std::vector<float>& x, std::vector<int32_t>& y) {
-  models::EvalResult total;
-  std::vector<uint32_t> indices(batch_size);
-  for (size_t begin = 0; begin < test.n_samples(); begin += batch_size) {
-    const size_t n = std::min(batch_size, test.n_samples() - begin);
-    for (size_t i = 0; i < n; ++i) indices[i] = static_cast<uint32_t>(begin + i);
-    test.gather({indices.data(), n}, x.data(), y.data());
-    models::EvalResult part = model.evaluate(x.data(), y.data(), n);
-    total.loss_sum += part.loss_sum;
-    total.correct += part.correct;
-    total.count += part.count;
-  }
-  EvalRecord r;
-  r.test_loss = total.count ? total.loss_sum / double(total.count) : 0;
-  r.test_accuracy = total.count ? double(total.correct) / double(total.count) : 0;
-  return r;
 }
 
 collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world) {
@@ -86,85 +67,15 @@ std::vector<int> complement(const std::vector<int>& members, int world) {
   return out;
 }
 
-// Everything one rank trains with, built once. Construction is where bad input shows up.
-struct Setup {
-  Setup(const TrainConfig& c, int rank_, int world_)
-      : cfg(c),
-        rank(rank_),
-        world(world_),
-        delay_spec(parse_delay_spec(c.inject_delay)),
-        data(load_data(c.data, c.seed, c.synthetic_train, c.synthetic_test)),
-        model(models::make_model(model_spec(), c.batch_size, c.seed)),
-        optimizer(model->n_params(), {c.lr, c.momentum, c.weight_decay}),
-        sampler(data.train.n_samples(), world_, rank_, c.batch_size, c.seed),
-        total_steps(c.steps > 0 ? c.steps : uint64_t(c.epochs) * sampler.steps_per_epoch()),
-        metrics(rank_ == 0 ? c.metrics : std::string()),
-        x(c.batch_size * data.train.n_features()),
-        y(c.batch_size) {
-    collectives::CoordinatorConfig(coordinator_config(c, world_)).validate();
-  }
-
-  models::ModelSpec model_spec() const {
-    models::ModelSpec spec;
-    spec.name = cfg.model;
-    spec.hidden = cfg.hidden;
-    spec.in_channels = data.train.channels;
-    spec.in_height = data.train.height;
-    spec.in_width = data.train.width;
-    spec.n_classes = data.train.n_classes;
-    return spec;
-  }
-
-  const TrainConfig& cfg;
-  int rank;
-  int world;
-  DelaySpec delay_spec;
-  DataSplits data;
-  std::unique_ptr<models::Model> model;
-  SgdOptimizer optimizer;
-  ShardSampler sampler;
-  uint64_t total_steps;
-  MetricsWriter metrics;
-  std::vector<float> x;
-  std::vector<int32_t> y;
-};
-
-// Raised on every rank but one when set-up failed somewhere: the lowest failing rank reports
-// its reason, the others exit quietly with the same code.
-class PeerSetupFailed : public InvalidArgument {
- public:
-  PeerSetupFailed() : InvalidArgument("another rank rejected its set-up") {}
-};
-
-// Builds the Setup on every rank and agrees on success, so that no rank starts training while
-// another one has already given up (e.g. only rank 0 opens the metrics file).
-std::unique_ptr<Setup> agreed_setup(const TrainConfig& cfg, int rank, int world) {
-  std::unique_ptr<Setup> setup;
-  std::exception_ptr error;
-  try {
-    validate_for_world(cfg, world);
-    kernels::set_blas_threads(cfg.threads);
-    setup = std::make_unique<Setup>(cfg, rank, world);
-  } catch (const Error&) {
-    error = std::current_exception();
-  }
-  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
-  if (first_failed == rank) std::rethrow_exception(error);
-  if (first_failed < world) throw PeerSetupFailed();
-  return setup;
-}
-
 }  // namespace
-
-bool is_quiet_peer_failure(const std::exception& e) {
-  return dynamic_cast<const PeerSetupFailed*>(&e) != nullptr;
-}
 
 SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   auto log = log::get("train");
   const int rank = mpi.rank();
   const int world = mpi.size();
-  std::unique_ptr<Setup> setup = agreed_setup(cfg, rank, world);
+  std::unique_ptr<Setup> setup =
+      agreed_setup(cfg, rank, world, {.index = rank, .count = world},
+                   [&] { collectives::CoordinatorConfig(coordinator_config(cfg, world)).validate(); });
   Setup& s = *setup;
   models::Model& model = *s.model;
 
