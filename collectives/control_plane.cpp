@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <random>
 
@@ -51,6 +52,23 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
             [](const auto& a, const auto& b) { return a.first < b.first; });
   return orders;
 }
+
+std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early) {
+  StepOrder serve;
+  serve.kind = OrderKind::kServe;
+  serve.step = early.step;
+  serve.early = true;
+  serve.catchups = {{early.late_rank, early.donor_rank}};
+  StepOrder catch_up;
+  catch_up.kind = OrderKind::kCatchUp;
+  catch_up.step = early.step;
+  catch_up.early = true;
+  catch_up.donor = early.donor_rank;
+  catch_up.catchups = serve.catchups;
+  return {{early.donor_rank, std::move(serve)}, {early.late_rank, std::move(catch_up)}};
+}
+
+uint64_t state_sequence(const StepOrder& order) { return 2 * order.step + (order.early ? 1 : 0); }
 
 void log_closed_round(const ClosedRound& round) {
   auto log = log::get("coll");
@@ -199,13 +217,14 @@ class Reader {
 constexpr uint8_t kFlagFinal = 1;
 constexpr uint8_t kFlagStop = 2;
 constexpr uint8_t kFlagTimedOut = 4;
+constexpr uint8_t kFlagEarly = 8;
 
 void write_order(Writer& w, const StepOrder& o) {
   w.u8(static_cast<uint8_t>(o.kind));
   w.u64(o.step);
   w.u32(o.attempt);
   w.u8(static_cast<uint8_t>((o.final_round ? kFlagFinal : 0) | (o.stop ? kFlagStop : 0) |
-                            (o.timed_out ? kFlagTimedOut : 0)));
+                            (o.timed_out ? kFlagTimedOut : 0) | (o.early ? kFlagEarly : 0)));
   w.u32(static_cast<uint32_t>(o.donor));
   w.u32(static_cast<uint32_t>(o.participants.size()));
   for (int p : o.participants) w.u32(static_cast<uint32_t>(p));
@@ -220,7 +239,8 @@ StepOrder read_order(Reader& r) {
   StepOrder o;
   const uint8_t kind = r.u8();
   if (kind != static_cast<uint8_t>(OrderKind::kParticipate) &&
-      kind != static_cast<uint8_t>(OrderKind::kCatchUp)) {
+      kind != static_cast<uint8_t>(OrderKind::kCatchUp) &&
+      kind != static_cast<uint8_t>(OrderKind::kServe)) {
     throw CommError(fmt::format("malformed control frame: unknown order kind {}", kind));
   }
   o.kind = static_cast<OrderKind>(kind);
@@ -230,6 +250,7 @@ StepOrder read_order(Reader& r) {
   o.final_round = (flags & kFlagFinal) != 0;
   o.stop = (flags & kFlagStop) != 0;
   o.timed_out = (flags & kFlagTimedOut) != 0;
+  o.early = (flags & kFlagEarly) != 0;
   o.donor = static_cast<int>(static_cast<int32_t>(r.u32()));
   const size_t n_participants = r.count(4);
   o.participants.reserve(n_participants);
@@ -356,7 +377,14 @@ struct LocalHubState {
     for (const ClosedRound& round : d.closed) {
       log_closed_round(round);
       for (auto& [rank, order] : orders_for(round)) {
-        mailbox[static_cast<size_t>(rank)] = std::move(order);
+        mailbox[static_cast<size_t>(rank)].push_back(std::move(order));
+      }
+    }
+    for (const EarlyCatchUp& early : d.early) {
+      log->debug("control: rank {} catches up early from rank {} at step {}", early.late_rank,
+                 early.donor_rank, early.step);
+      for (auto& [rank, order] : orders_for(early)) {
+        mailbox[static_cast<size_t>(rank)].push_back(std::move(order));
       }
     }
     if (d.stall) {
@@ -380,7 +408,7 @@ struct LocalHubState {
   std::condition_variable orders_cv;  // rank threads wait for their mailbox
   std::condition_variable timer_cv;   // the timer thread waits for the next deadline
   Coordinator coordinator;
-  std::vector<std::optional<StepOrder>> mailbox;
+  std::vector<std::deque<StepOrder>> mailbox;  // a donor may get SERVE, then its PLAN
   std::vector<bool> handed_out;
   std::optional<std::string> abort_reason;
   bool shutdown = false;
@@ -418,17 +446,23 @@ class LocalChannel final : public ControlChannel {
   StepOrder finish(uint64_t n_steps) override { return exchange(Report::kFinish, n_steps); }
   StepOrder failed(uint64_t step) override { return exchange(Report::kFailed, step); }
 
+  StepOrder next_order() override {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    check_open("waiting for an order");
+    return wait_and_take(lock, state_->mailbox[static_cast<size_t>(rank_)]);
+  }
+
   std::optional<StepOrder> busy(uint64_t step, std::chrono::nanoseconds max_wait) override {
     std::unique_lock<std::mutex> lock(state_->mu);
     check_open("BUSY");
     check_abort();
     auto& slot = state_->mailbox[static_cast<size_t>(rank_)];
-    if (!slot) {
+    if (slot.empty()) {
       state_->apply(state_->coordinator.busy(rank_, step, CoordClock::now()));
       state_->orders_cv.wait_for(lock, max_wait,
-                                 [&] { return slot.has_value() || state_->abort_reason; });
+                                 [&] { return !slot.empty() || state_->abort_reason; });
     }
-    if (!slot) {
+    if (slot.empty()) {
       check_abort();
       answered_busy_ = false;
       return std::nullopt;
@@ -451,9 +485,9 @@ class LocalChannel final : public ControlChannel {
     check_open(what);
     auto& slot = state_->mailbox[static_cast<size_t>(rank_)];
     // Only the answer to a BUSY whose wait ran out may be waiting already.
-    RESYNC_CHECK(!slot || (report == Report::kReady && !answered_busy_),
+    RESYNC_CHECK(slot.empty() || (report == Report::kReady && !answered_busy_),
                  fmt::format("rank {}: an order arrived before {}", rank_, what));
-    if (!slot) check_abort();
+    if (slot.empty()) check_abort();
     const auto now = CoordClock::now();
     // Reported even when the answer is there, as over TCP; the coordinator ignores it then.
     switch (report) {
@@ -467,15 +501,19 @@ class LocalChannel final : public ControlChannel {
         state_->apply(state_->coordinator.failed(rank_, step, now));
         break;
     }
-    state_->orders_cv.wait(lock, [&] { return slot.has_value() || state_->abort_reason; });
+    return wait_and_take(lock, slot);
+  }
+
+  StepOrder wait_and_take(std::unique_lock<std::mutex>& lock, std::deque<StepOrder>& slot) {
+    state_->orders_cv.wait(lock, [&] { return !slot.empty() || state_->abort_reason; });
     // An order decided before an abort is delivered first, as over TCP where it precedes it.
-    if (!slot) check_abort();
+    if (slot.empty()) check_abort();
     return take(slot);
   }
 
-  StepOrder take(std::optional<StepOrder>& slot) {
-    StepOrder order = std::move(*slot);
-    slot.reset();
+  StepOrder take(std::deque<StepOrder>& slot) {
+    StepOrder order = std::move(slot.front());
+    slot.pop_front();
     answered_busy_ = true;
     if (order.final_round) done_ = true;
     return order;

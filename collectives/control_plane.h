@@ -22,6 +22,7 @@ namespace resync::collectives {
 enum class OrderKind : uint8_t {
   kParticipate = 1,  // all-reduce over `participants`, update, then serve your catch-ups
   kCatchUp = 2,      // your gradient was dropped: receive the full state from `donor`
+  kServe = 3,        // send your state to the late rank in `catchups` now, then next_order()
 };
 
 // What the coordinator tells one rank when a round closes.
@@ -37,6 +38,12 @@ enum class OrderKind : uint8_t {
 // ranks that retry the all-reduce. Ring messages use sequence step * 16 + attempt, so a retry
 // never matches messages of the abandoned attempt.
 //
+// Early catch-up (EarlyCatchUp): while step t is still open, ready(t) may return kServe: send
+// this rank's current state (step counter t) to `catchups[0].late_rank` at once, then call
+// next_order() for the real order. The late rank gets kCatchUp with `early`: it receives that
+// state and continues with step t itself (not t + 1). State messages of an early catch-up use
+// their own sequence (see state_sequence) so they never match a regular catch-up's.
+//
 // Note: ready() itself can return the final order (kCatchUp, final_round) when this rank's
 // last READY came late and the others had already finished: receive the state and end
 // training, without calling finish().
@@ -50,6 +57,7 @@ struct StepOrder {
   std::vector<int> participants;  // sorted P_t; identical on every rank of the round
   std::vector<CatchUp> catchups;  // every (late, donor) pair of the round, sorted by late rank
   int donor = -1;                 // kCatchUp only
+  bool early = false;             // kCatchUp/kServe of an early catch-up: state of step `step`
 
   // Late ranks that `rank` sends its state to after this round, ascending.
   std::vector<int> late_ranks_served_by(int rank) const;
@@ -59,6 +67,14 @@ struct StepOrder {
 // The orders a closed round sends, as (rank, order): one per participant (kParticipate) and one
 // per late rank (kCatchUp) except those in round.ordered_before, ascending by rank.
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round);
+
+// The two orders of an early catch-up, as (rank, order): kServe to the donor, kCatchUp to the
+// late rank.
+std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early);
+
+// The sequence number of the state transfer an order calls for (the same on both sides):
+// regular catch-ups after a close of step t and early catch-ups during step t never share one.
+uint64_t state_sequence(const StepOrder& order);
 
 // Logs a closed round on the "coll" logger (a re-closed step as a warning), the same way for
 // the TCP and the in-process control plane.
@@ -88,6 +104,9 @@ class ControlChannel {
   // After the last step (`n_steps` = T, or step + 1 after a `stop` order): reports FINISH and
   // blocks until the final order (final_round = true). Errors as ready().
   virtual StepOrder finish(uint64_t n_steps) = 0;
+  // After carrying out a kServe order: blocks like ready() for this rank's next order (another
+  // kServe, or the order of the step it reported). Errors as ready().
+  virtual StepOrder next_order() = 0;
   // Asks that every rank stops at the next round boundary (the order's `stop` flag).
   virtual void request_stop() = 0;
 
@@ -123,7 +142,7 @@ enum class MsgType : uint8_t {
 };
 
 inline constexpr uint32_t kMagic = 0x52535943;  // "RSYC"
-inline constexpr uint16_t kVersion = 2;         // 2: BUSY, FAILED, StepOrder::attempt
+inline constexpr uint16_t kVersion = 3;  // 2: BUSY, FAILED, attempt; 3: early catch-up
 inline constexpr size_t kFrameHeaderBytes = 4;
 inline constexpr size_t kMaxFrameBytes = size_t{4} << 20;  // a PLAN for ~500k ranks
 inline constexpr size_t kMaxHelloBytes = 1024;             // what an unknown peer may send

@@ -65,6 +65,7 @@ Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : confi
   state_.assign(w, RankState::kWorking);
   next_step_.assign(w, 0);
   busy_step_.assign(w, kNoStep);
+  early_step_.assign(w, kNoStep);
   superseded_.assign(w, false);
   ready_.reserve(w);
   late_.reserve(w);
@@ -164,7 +165,9 @@ Decisions Coordinator::ready(int rank, uint64_t step, CoordTime now) {
     if (!first_ready_) first_ready_ = now_;
     note_progress(rank, step);
   }
+  early_step_[r] = kNoStep;
   maybe_close(out);
+  catch_up_early(out);
   return out;
 }
 
@@ -191,7 +194,9 @@ Decisions Coordinator::busy(int rank, uint64_t step, CoordTime now) {
     state_[r] = RankState::kBusy;
     note_progress(rank, step);
   }
+  early_step_[r] = kNoStep;
   maybe_close(out);
+  catch_up_early(out);
   return out;
 }
 
@@ -204,6 +209,14 @@ Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
   const auto r = static_cast<size_t>(rank);
   busy_step_[r] = kNoStep;
   if (state_[r] == RankState::kLate) return out;  // already queued for a catch-up
+  if (state_[r] == RankState::kWorking && early_step_[r] == step && next_step_[r] == step) {
+    // Its early catch-up failed (the donor gave up on it, or the state arrived torn).
+    early_step_[r] = kNoStep;
+    make_late(rank);
+    maybe_close(out);
+    catch_up_early(out);
+    return out;
+  }
   if (state_[r] != RankState::kWorking || next_step_[r] != step + 1) {
     abort_job(fmt::format("protocol violation: rank {} sent FAILED({}) but it {}", rank, step,
                           state_[r] != RankState::kWorking
@@ -221,6 +234,7 @@ Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
     // peers completed: its state is behind, so it is caught up like a late rank.
     make_late(rank);
     maybe_close(out);
+    catch_up_early(out);
     return out;
   }
   state_[r] = RankState::kFailed;
@@ -421,6 +435,26 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
   last_close_ = now_;
   n_stall_warnings_ = 0;
   out.closed.push_back(std::move(round));
+}
+
+void Coordinator::catch_up_early(Decisions& out) {
+  // Donors must hold the state of the open step: ranks that sent READY(open step) and wait. A
+  // pending repair means the last round may not have completed: leave late ranks to it.
+  if (!config_.early_catch_up || late_.empty() || ready_.empty() || final_round_ ||
+      repair_deadline_ || finished_ || aborted_) {
+    return;
+  }
+  for (int late_rank : late_) {
+    const int donor = ready_[donor_cursor_++ % ready_.size()];
+    RESYNC_CHECK(donor != late_rank, fmt::format("rank {} chosen as its own donor", late_rank));
+    const auto r = static_cast<size_t>(late_rank);
+    state_[r] = RankState::kWorking;
+    next_step_[r] = open_step_;
+    early_step_[r] = open_step_;
+    superseded_[r] = false;
+    out.early.push_back({open_step_, late_rank, donor});
+  }
+  late_.clear();
 }
 
 void Coordinator::repair(Decisions& out) {

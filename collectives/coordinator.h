@@ -26,6 +26,7 @@ struct CoordinatorConfig {
   double stall_abort_s = 0.0;        // abort the job when no step closed for this long; 0 = off
   int64_t repair_window_ms = 2000;   // after a FAILED, how long completions may still prove the
                                      // round done before it is re-closed (--ring-timeout-ms)
+  bool early_catch_up = true;        // catch late ranks up during the open step (EarlyCatchUp)
 
   // Throws resync::InvalidArgument naming the offending flag (--backup-workers,
   // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s, --ring-timeout-ms).
@@ -39,6 +40,18 @@ struct CatchUp {
   int late_rank = -1;
   int donor_rank = -1;
   bool operator==(const CatchUp&) const = default;
+};
+
+// A late rank caught up while the open step is still collecting READYs, instead of at its
+// close: `donor` sent READY(step), so it holds the state the late rank needs to compute `step`;
+// it sends that state now and goes on waiting for its order. Without this, a late rank could
+// not report before the next close, and that close would wait for every other rank, including
+// a slow one the backup workers were meant to skip.
+struct EarlyCatchUp {
+  uint64_t step = 0;
+  int late_rank = -1;
+  int donor_rank = -1;
+  bool operator==(const EarlyCatchUp&) const = default;
 };
 
 // A round for one step may close more than once: after a failed all-reduce it is re-closed with
@@ -70,9 +83,10 @@ struct StallReport {
 // What the event loop must do after an event. Usually empty.
 struct Decisions {
   std::vector<ClosedRound> closed;   // in order; send PLAN to participants, CATCHUP to late ranks
+  std::vector<EarlyCatchUp> early;   // after `closed`: SERVE to the donor, CATCHUP to the late rank
   std::optional<StallReport> stall;  // log it (rank 0, coll logger)
   std::optional<std::string> abort;  // send ABORT{reason} to every rank; the job is over
-  bool empty() const { return closed.empty() && !stall && !abort; }
+  bool empty() const { return closed.empty() && early.empty() && !stall && !abort; }
 };
 
 // Pure, single-threaded state machine of the synchronous step protocol (see DESIGN.md,
@@ -84,6 +98,10 @@ struct Decisions {
 // least min_quorum ranks are ready. Ranks that sent BUSY(t) do not count as ready but are caught
 // up by the close of t itself. The final round closes when every rank has sent FINISH(T) or is
 // queued as late. After a close or an abort, events about a finished job are ignored.
+//
+// Early catch-up: while the open step t collects READYs (and no repair is pending), a late rank
+// is not left waiting for the close: a rank that sent READY(t) sends it its state at once, and
+// the late rank then computes step t like everyone else (see EarlyCatchUp).
 //
 // Ring repair: a participant of the last closed round t that reports FAILED(t) waits; if no
 // member of round t proves it completed (READY/BUSY/FINISH(t + 1)) within repair_window_ms, or
@@ -128,6 +146,7 @@ class Coordinator {
   void maybe_close(Decisions& out);
   void close_round(bool timed_out, Decisions& out);
   void repair(Decisions& out);
+  void catch_up_early(Decisions& out);
   void make_late(int rank);
   // Checks a report of `step` from a rank in state kWorking; aborts (returns false) if invalid.
   bool check_report(int rank, uint64_t step, const char* what, Decisions& out);
@@ -155,6 +174,7 @@ class Coordinator {
   std::vector<int> ready_;           // READY(open_step_) or FINISH, in arrival order
   std::vector<int> late_;            // late ranks waiting for a close, in arrival order
   std::vector<uint64_t> busy_step_;  // step of the rank's last BUSY (kNoStep: none pending)
+  std::vector<uint64_t> early_step_;  // step of the rank's pending early catch-up, or kNoStep
   // Members of an abandoned attempt that were left out of its re-close: whatever state they
   // report next is from that attempt, so they are caught up instead of taking part.
   std::vector<bool> superseded_;

@@ -428,6 +428,15 @@ void TcpControlServer::Impl::apply(Decisions&& d, CoordTime now) {
       linger_deadline = now + seconds(opts.linger_s);
     }
   }
+  for (const EarlyCatchUp& early : d.early) {
+    log->debug("control: rank {} catches up early from rank {} at step {}", early.late_rank,
+               early.donor_rank, early.step);
+    for (auto& [rank, order] : orders_for(early)) {
+      Message msg = message_of(MsgType::kOrder);
+      msg.order = std::move(order);
+      send(*by_rank[static_cast<size_t>(rank)], msg);
+    }
+  }
   if (d.stall) {
     std::vector<std::string> missing;
     for (int rank : d.stall->missing) missing.push_back(who(rank));
@@ -572,6 +581,17 @@ StepOrder TcpControlClient::ready(uint64_t step) { return exchange(MsgType::kRea
 StepOrder TcpControlClient::finish(uint64_t n_steps) { return exchange(MsgType::kFinish, n_steps); }
 
 StepOrder TcpControlClient::failed(uint64_t step) { return exchange(MsgType::kFailed, step); }
+
+StepOrder TcpControlClient::next_order() {
+  if (ended_) throw CommError(*ended_);
+  try {
+    return take_order(receive(-1.0));
+  } catch (const CommError& e) {
+    ended_ = e.what();
+    close_connection();
+    throw;
+  }
+}
 
 std::optional<StepOrder> TcpControlClient::busy(uint64_t step, std::chrono::nanoseconds max_wait) {
   if (ended_) throw CommError(*ended_);

@@ -76,6 +76,7 @@ class TcpControlClient final : public ControlChannel {
   StepOrder finish(uint64_t n_steps) override;
   std::optional<StepOrder> busy(uint64_t step, std::chrono::nanoseconds max_wait) override;
   StepOrder failed(uint64_t step) override;
+  StepOrder next_order() override;
   void request_stop() override;
   int rank() const override { return rank_; }
 

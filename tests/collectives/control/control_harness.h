@@ -36,18 +36,19 @@ inline SimState apply_step(SimState s, const StepOrder& order) {
 // Stands in for the MPI state transfer from a donor to a late rank.
 class StateExchange {
  public:
-  void put(int late_rank, uint64_t step, const SimState& state) {
+  // Keyed by state_sequence() of the order, as the MPI transfer is tagged.
+  void put(int late_rank, uint64_t seq, const SimState& state) {
     std::lock_guard<std::mutex> lock(mu_);
-    boxes_[{late_rank, step}] = state;
+    boxes_[{late_rank, seq}] = state;
     cv_.notify_all();
   }
   // The bound only turns a harness bug into a failure instead of a hang; it never paces a test.
-  SimState take(int late_rank, uint64_t step) {
+  SimState take(int late_rank, uint64_t seq) {
     std::unique_lock<std::mutex> lock(mu_);
-    const auto key = std::make_pair(late_rank, step);
+    const auto key = std::make_pair(late_rank, seq);
     if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return boxes_.count(key) > 0; })) {
-      throw Error("rank " + std::to_string(late_rank) + " never received its state for step " +
-                  std::to_string(step));
+      throw Error("rank " + std::to_string(late_rank) + " never received its state of sequence " +
+                  std::to_string(seq));
     }
     SimState s = boxes_[key];
     boxes_.erase(key);
@@ -88,6 +89,8 @@ struct RankResult {
   SimState state;
   std::vector<StepOrder> orders;  // every order received, the final one included
   int n_catchups = 0;
+  int n_early_catchups = 0;  // of n_catchups: received while the step was still open
+  int n_served_early = 0;    // kServe orders carried out
   std::string error;  // CommError text if the run ended with one
 };
 
@@ -103,13 +106,21 @@ inline RankResult run_rank(ControlChannel& channel, uint64_t n_steps, StateExcha
     while (t < n_steps && !stop) {
       if (hooks.before_ready) hooks.before_ready(t);
       StepOrder order = channel.ready(t);
+      while (order.kind == OrderKind::kServe) {  // our state of step t, to a late rank, now
+        EXPECT_EQ(order.step, t) << "rank " << me;
+        for (int late : order.late_ranks_served_by(me)) {
+          exchange.put(late, state_sequence(order), out.state);
+          ++out.n_served_early;
+        }
+        order = channel.next_order();
+      }
       out.orders.push_back(order);
       stop = order.stop;
       if (order.final_round) {
         // This rank's last READY was late: the final round catches it up; training is over.
         EXPECT_EQ(order.kind, OrderKind::kCatchUp) << "rank " << me;
         EXPECT_EQ(order.step, n_steps) << "rank " << me;
-        out.state = exchange.take(me, order.step);
+        out.state = exchange.take(me, state_sequence(order));
         EXPECT_EQ(out.state.n_steps, order.step) << "rank " << me;
         ++out.n_catchups;
         return out;
@@ -120,15 +131,21 @@ inline RankResult run_rank(ControlChannel& channel, uint64_t n_steps, StateExcha
             << "rank " << me << " told to participate in step " << order.step
             << " without being in P";
         out.state = apply_step(out.state, order);
-        for (int late : order.late_ranks_served_by(me)) exchange.put(late, order.step, out.state);
+        for (int late : order.late_ranks_served_by(me)) {
+          exchange.put(late, state_sequence(order), out.state);
+        }
         t = order.step + 1;
       } else {
         EXPECT_GE(order.step, t) << "rank " << me << " caught up to an older step";
         EXPECT_NE(order.donor, me) << "rank " << me << " is its own donor";
-        out.state = exchange.take(me, order.step);
-        EXPECT_EQ(out.state.n_steps, order.step + 1) << "rank " << me;
+        out.state = exchange.take(me, state_sequence(order));
+        // An early catch-up brings the state to compute order.step with; a regular one the
+        // state after it.
+        const uint64_t next = order.early ? order.step : order.step + 1;
+        EXPECT_EQ(out.state.n_steps, next) << "rank " << me;
         ++out.n_catchups;
-        t = order.step + 1;
+        if (order.early) ++out.n_early_catchups;
+        t = next;
       }
       if (hooks.after_order) hooks.after_order(order);
     }
@@ -138,10 +155,10 @@ inline RankResult run_rank(ControlChannel& channel, uint64_t n_steps, StateExcha
     EXPECT_TRUE(final_order.participants.empty()) << "rank " << me << ": no all-reduce at the end";
     if (final_order.kind == OrderKind::kParticipate) {
       for (int late : final_order.late_ranks_served_by(me)) {
-        exchange.put(late, final_order.step, out.state);
+        exchange.put(late, state_sequence(final_order), out.state);
       }
     } else {
-      out.state = exchange.take(me, final_order.step);
+      out.state = exchange.take(me, state_sequence(final_order));
       ++out.n_catchups;
     }
   } catch (const CommError& e) {

@@ -31,6 +31,8 @@ CoordinatorConfig make_config(int world_size, int backup_workers = 0, int64_t ti
   c.min_quorum = min_quorum;
   c.stall_warning_s = 0;  // off unless a test is about stalls
   c.stall_abort_s = 0;
+  // These tests pin down catch-ups at a close; early catch-ups have their own tests below.
+  c.early_catch_up = false;
   return c;
 }
 
@@ -620,9 +622,13 @@ struct SimRank {
   bool finished = false;
 };
 
-void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t seed) {
-  SCOPED_TRACE(fmt::format("W={} b={} seed={}", world_size, backup_workers, seed));
-  Coordinator c(make_config(world_size, backup_workers), kT0);
+void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t seed,
+              bool early_catch_up = false, int* n_early = nullptr) {
+  SCOPED_TRACE(fmt::format("W={} b={} seed={} early={}", world_size, backup_workers, seed,
+                           early_catch_up));
+  CoordinatorConfig config = make_config(world_size, backup_workers);
+  config.early_catch_up = early_catch_up;
+  Coordinator c(config, kT0);
   std::vector<SimRank> ranks(static_cast<size_t>(world_size));
   std::mt19937 rng(seed);
   uint64_t expected_close = 0;
@@ -677,6 +683,19 @@ void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t see
       }
       if (r.final_round) done = true;
     }
+    for (const EarlyCatchUp& e : d.early) {
+      EXPECT_TRUE(early_catch_up) << "early catch-up while switched off";
+      EXPECT_EQ(e.step, c.open_step()) << "early catch-ups carry the open step's state";
+      const SimRank& donor = ranks[static_cast<size_t>(e.donor_rank)];
+      EXPECT_TRUE(donor.waiting && donor.next_step == e.step)
+          << "donor " << e.donor_rank << " does not hold the state of step " << e.step;
+      SimRank& lr = ranks[static_cast<size_t>(e.late_rank)];
+      EXPECT_TRUE(lr.waiting) << "rank " << e.late_rank << " caught up without reporting";
+      EXPECT_LT(lr.next_step, e.step) << "rank " << e.late_rank << " was not behind";
+      lr.waiting = false;
+      lr.next_step = e.step;
+      if (n_early) ++*n_early;
+    }
   }
   ASSERT_TRUE(done) << "the final round never closed";
   EXPECT_EQ(expected_close, n_steps + 1);
@@ -686,11 +705,84 @@ void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t see
 }
 
 TEST(Coordinator, SimulatedTrainingOddAndEvenWorldSizes) {
-  for (int w : {1, 2, 3, 4, 5}) {
-    for (int b = 0; b < std::min(w, 3); ++b) {
-      for (uint32_t seed : {1u, 2u, 3u}) simulate(w, b, 40, seed);
+  for (bool early : {false, true}) {
+    for (int w : {1, 2, 3, 4, 5}) {
+      for (int b = 0; b < std::min(w, 3); ++b) {
+        int n_early = 0;
+        for (uint32_t seed : {1u, 2u, 3u}) simulate(w, b, 40, seed, early, &n_early);
+        // The straggler falls behind when b >= 1; unless one READY closes a step (W - b = 1),
+        // a rank waiting for the next step can then serve it early.
+        if (early && b >= 1 && w - b >= 2) {
+          EXPECT_GT(n_early, 0) << "W=" << w << " b=" << b << ": no early catch-up simulated";
+        }
+      }
     }
   }
+}
+
+// ---- early catch-up ---------------------------------------------------------------------
+
+CoordinatorConfig early_config(int world_size, int backup_workers, int64_t timeout_ms = 0) {
+  CoordinatorConfig c = make_config(world_size, backup_workers, timeout_ms);
+  c.early_catch_up = true;
+  return c;
+}
+
+TEST(CoordinatorEarlyCatchUp, LateRankIsServedByTheFirstRankReadyForTheOpenStep) {
+  Coordinator c(early_config(4, 1), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  // Nobody holds the state of step 1 in a waiting state yet: rank 3 waits.
+  EXPECT_TRUE(c.ready(3, 0, at_ms(5)).empty());
+  Decisions d = c.ready(2, 1, at_ms(8));
+  EXPECT_TRUE(d.closed.empty());
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0], (EarlyCatchUp{.step = 1, .late_rank = 3, .donor_rank = 2}));
+  // Rank 3 now computes step 1 and counts towards its close like everyone else: the step
+  // closes at W - b = 3 READYs without waiting for rank 0 (the straggler of step 1).
+  EXPECT_TRUE(c.ready(1, 1, at_ms(9)).empty());
+  ClosedRound r = only_close(c.ready(3, 1, at_ms(12)));
+  EXPECT_EQ(r.participants, (std::vector<int>{1, 2, 3}));
+  EXPECT_TRUE(r.catchups.empty()) << "rank 0 neither reported nor is late";
+}
+
+TEST(CoordinatorEarlyCatchUp, LateReadyWithARankAlreadyWaitingIsServedAtOnce) {
+  Coordinator c(early_config(3, 1), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(0, 1, at_ms(1)).empty());
+  Decisions d = c.ready(2, 0, at_ms(2));
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0], (EarlyCatchUp{.step = 1, .late_rank = 2, .donor_rank = 0}));
+  // After the early catch-up, reporting an older step is a protocol violation.
+  Decisions bad = c.ready(2, 0, at_ms(3));
+  ASSERT_TRUE(bad.abort);
+  EXPECT_NE(bad.abort->find("rank 2"), std::string::npos) << *bad.abort;
+}
+
+TEST(CoordinatorEarlyCatchUp, FailedEarlyTransferMakesTheRankLateAgain) {
+  Coordinator c(early_config(4, 1), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(1, 1, at_ms(1)).empty());
+  ASSERT_EQ(c.ready(3, 0, at_ms(2)).early.size(), 1u);
+  // The transfer from rank 1 timed out on rank 3: FAILED(1) names the step of the state.
+  Decisions d = c.failed(3, 1, at_ms(3));
+  EXPECT_FALSE(d.abort) << d.abort.value_or("");
+  ASSERT_EQ(d.early.size(), 1u) << "served again by a rank waiting for step 1";
+  EXPECT_EQ(d.early[0].late_rank, 3);
+  EXPECT_EQ(d.early[0].donor_rank, 1);
+}
+
+TEST(CoordinatorEarlyCatchUp, NotInTheFinalRound) {
+  Coordinator c(early_config(3, 1), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c.finish(0, 1, at_ms(1)).empty());
+  // Rank 2 is late for step 0 while rank 0 already finished: it is caught up by the final
+  // round (no early catch-up: the final round has no READYs to serve from).
+  Decisions d = c.ready(2, 0, at_ms(2));
+  EXPECT_TRUE(d.early.empty());
+  ClosedRound r = only_close(c.finish(1, 1, at_ms(3)));
+  EXPECT_TRUE(r.final_round);
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
 }
 
 TEST(Coordinator, OddWorldSizesCloseAtWMinusB) {

@@ -59,15 +59,19 @@ struct RankResult {
   std::vector<float> params;
   int times_left_out = 0;
   int catch_ups = 0;
+  int early_catch_ups = 0;  // received while the step they rejoin was still open
+  int served_early = 0;     // early catch-ups this rank sent
   int sum_mismatches = 0;
 };
 
-void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& results) {
+void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& results,
+             bool early_catch_up = true) {
   LoopbackFabric fabric(world);
   CoordinatorConfig config;
   config.world_size = world;
   config.backup_workers = backup;
   config.stall_warning_s = 0;
+  config.early_catch_up = early_catch_up;
   LocalControlHub hub(config);
   std::vector<std::unique_ptr<ControlChannel>> channels;
   for (int r = 0; r < world; ++r) channels.push_back(hub.connect(r));
@@ -91,10 +95,18 @@ void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& resu
       for (size_t i = 0; i < kParams; ++i) grads[i] = gradient(rank, step, i, params[i]);
       if (rank == slow_rank) board.wait_closed(step);  // arrive only after the step closed
       StepOrder order = control.ready(step);
+      while (order.kind == OrderKind::kServe) {  // a late rank needs our state of `step` now
+        for (int late : order.late_ranks_served_by(rank)) {
+          send_state(ctx, late, state_sequence(order), {.step = order.step}, state_out);
+          ++out.served_early;
+        }
+        order = control.next_order();
+      }
       if (order.kind == OrderKind::kCatchUp) {
         StateHeader header;
-        recv_state(ctx, order.donor, order.step, header, state_in);
+        recv_state(ctx, order.donor, state_sequence(order), header, state_in);
         ++out.catch_ups;
+        if (order.early) ++out.early_catch_ups;
         step = header.step;
         final_done = order.final_round;
         continue;
@@ -110,7 +122,7 @@ void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& resu
         params[i] -= 0.1f * grads[i] / static_cast<float>(order.participants.size());
       }
       for (int late : order.late_ranks_served_by(rank)) {
-        send_state(ctx, late, order.step, {.step = order.step + 1}, state_out);
+        send_state(ctx, late, state_sequence(order), {.step = order.step + 1}, state_out);
       }
       if (rank == 0) board.closed(step);
       ++step;
@@ -119,11 +131,11 @@ void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& resu
       StepOrder last = control.finish(step);
       if (last.kind == OrderKind::kCatchUp) {
         StateHeader header;
-        recv_state(ctx, last.donor, last.step, header, state_in);
+        recv_state(ctx, last.donor, state_sequence(last), header, state_in);
         ++out.catch_ups;
       } else {
         for (int late : last.late_ranks_served_by(rank)) {
-          send_state(ctx, late, last.step, {.step = last.step}, state_out);
+          send_state(ctx, late, state_sequence(last), {.step = last.step}, state_out);
         }
       }
     }
@@ -132,13 +144,14 @@ void run_job(int world, int backup, int slow_rank, std::vector<RankResult>& resu
   });
 }
 
-class StragglerProtocol : public ::testing::TestWithParam<int> {};
+// (world size, early catch-ups on)
+class StragglerProtocol : public ::testing::TestWithParam<std::tuple<int, bool>> {};
 
 TEST_P(StragglerProtocol, SlowRankIsLeftOutCaughtUpAndEveryoneAgrees) {
-  const int world = GetParam();
+  const auto [world, early] = GetParam();
   const int slow = world - 1;
   std::vector<RankResult> results;
-  run_job(world, /*backup=*/1, slow, results);
+  run_job(world, /*backup=*/1, slow, results, early);
   for (int r = 0; r < world; ++r) {
     const RankResult& res = results[static_cast<size_t>(r)];
     EXPECT_EQ(res.sum_mismatches, 0) << "rank " << r << ": all-reduce sums differ from the "
@@ -151,9 +164,24 @@ TEST_P(StragglerProtocol, SlowRankIsLeftOutCaughtUpAndEveryoneAgrees) {
   }
   EXPECT_GE(results[0].times_left_out, 1) << "the slow rank was never left out";
   EXPECT_GE(results[static_cast<size_t>(slow)].catch_ups, 1) << "the slow rank never caught up";
+  // The slow rank reports each step only after it closed. With early catch-ups, a rank waiting
+  // for the next step hands it the state at once (there is always one: the slow rank's READY
+  // comes after rank 0 announced the close); without, it waits for the next close.
+  int served_early = 0;
+  for (const RankResult& r : results) served_early += r.served_early;
+  const RankResult& slow_result = results[static_cast<size_t>(slow)];
+  EXPECT_EQ(served_early, slow_result.early_catch_ups) << "every early send was received";
+  if (early && world >= 3) {  // with W = 2, b = 1 the first READY closes: no time to serve
+    EXPECT_GE(slow_result.early_catch_ups, 1) << "no early catch-up happened";
+  } else if (world < 3) {
+    EXPECT_EQ(slow_result.early_catch_ups, 0);
+  } else {
+    EXPECT_EQ(slow_result.early_catch_ups, 0) << "early catch-ups while switched off";
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Worlds, StragglerProtocol, ::testing::Values(2, 3, 4, 5));
+INSTANTIATE_TEST_SUITE_P(Worlds, StragglerProtocol,
+                         ::testing::Combine(::testing::Values(2, 3, 4, 5), ::testing::Bool()));
 
 TEST(StragglerProtocol, PlainSyncEqualsAFullAllreduceEveryStep) {
   std::vector<RankResult> plain;
