@@ -55,9 +55,29 @@ void MetricsWriter::eval(const EvalRecord& r) {
 void MetricsWriter::summary(const SummaryRecord& r) {
   write_line(fmt::format(
       R"({{"event":"summary","steps":{},"elapsed_s":{},"samples_per_s":{},"test_accuracy":{},)"
-      R"("param_checksum":"{}","ranks_agree":{},"dropped_gradients":{},"catch_ups":{}}})",
+      R"("param_checksum":"{}","ranks_agree":{},"dropped_gradients":{},"catch_ups":{},)"
+      R"("resumed_from_step":{},"stopped_by":{}}})",
       r.steps, num(r.elapsed_s), num(r.samples_per_s), num(r.test_accuracy), r.param_checksum,
-      r.ranks_agree ? "true" : "false", r.dropped_gradients, r.catch_ups));
+      r.ranks_agree ? "true" : "false", r.dropped_gradients, r.catch_ups,
+      r.resumed_from_step ? std::to_string(*r.resumed_from_step) : "null",
+      r.stopped_by.empty() ? "null" : "\"" + r.stopped_by + "\""));
+}
+
+void MetricsWriter::async_step(const AsyncStepRecord& r) {
+  write_line(fmt::format(
+      R"({{"event":"step","mode":"async","step":{},"epoch":{},"worker":{},"loss":{},"step_ms":{},)"
+      R"("compute_ms":{},"delay_ms":{},"comm_ms":{},"staleness":{},"applied":{},"version":{},)"
+      R"("elapsed_s":{}}})",
+      r.step, r.epoch, r.worker, num(r.loss), num(r.step_ms), num(r.compute_ms), num(r.delay_ms),
+      num(r.comm_ms), r.staleness, r.applied ? "true" : "false", r.version, num(r.elapsed_s)));
+}
+
+void MetricsWriter::staleness(const StalenessRecord& r) {
+  write_line(fmt::format(
+      R"({{"event":"staleness","server":{},"applied":{},"dropped":{},"refreshed":{},)"
+      R"("max_staleness":{},"mean_staleness":{},"histogram":[{}]}})",
+      r.server, r.applied, r.dropped, r.refreshed, r.max_staleness, num(r.mean_staleness),
+      fmt::join(r.histogram, ",")));
 }
 
 }  // namespace resync::runtime

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,34 @@ struct StepRecord {
   std::vector<int> late;     // ranks that caught up after this step
 };
 
+// --mode async: one worker step as parameter server 0 saw its push (rank 0 is server 0, and
+// every push reaches every server). Written as a "step" event with "mode":"async".
+struct AsyncStepRecord {
+  uint64_t step = 0;   // the worker's own step
+  size_t epoch = 0;
+  int worker = -1;     // world rank of the worker
+  double loss = 0;
+  double step_ms = 0;     // time between this worker's previous push and this one, at server 0
+  double compute_ms = 0;  // forward + backward on the worker
+  double delay_ms = 0;    // injected straggler delay on the worker
+  double comm_ms = 0;     // the worker's previous push-and-reply round trip
+  uint64_t staleness = 0;  // server 0's version at arrival minus the version computed on
+  bool applied = true;     // false: dropped by --max-staleness
+  uint64_t version = 0;    // server 0's version after handling the push
+  double elapsed_s = 0;
+};
+
+// --mode async: staleness of the gradients one parameter server applied, at the end.
+struct StalenessRecord {
+  int server = 0;
+  uint64_t applied = 0;
+  uint64_t dropped = 0;       // pushes dropped as staler than --max-staleness
+  uint64_t refreshed = 0;     // worker steps discarded before pushing (all workers; server 0)
+  uint64_t max_staleness = 0;  // largest staleness of an applied gradient
+  double mean_staleness = 0;
+  std::vector<uint64_t> histogram;  // histogram[k]: applied gradients of staleness k
+};
+
 struct EvalRecord {
   size_t epoch = 0;
   uint64_t step = 0;
@@ -42,6 +71,8 @@ struct SummaryRecord {
   bool ranks_agree = false;
   uint64_t dropped_gradients = 0;
   uint64_t catch_ups = 0;
+  std::optional<uint64_t> resumed_from_step;  // the step of the checkpoint --resume loaded
+  std::string stopped_by;  // e.g. "SIGTERM on rank 1" for a preempted run; empty otherwise
 };
 
 class MetricsWriter {
@@ -53,6 +84,8 @@ class MetricsWriter {
   void step(const StepRecord& r);
   void eval(const EvalRecord& r);
   void summary(const SummaryRecord& r);
+  void async_step(const AsyncStepRecord& r);
+  void staleness(const StalenessRecord& r);
 
  private:
   void write_line(const std::string& line);

@@ -1,12 +1,15 @@
 // Synchronous data-parallel training (DESIGN.md, "The synchronous step"). One step reads top to
 // bottom: batch -> forward/backward -> READY, wait for the order -> ring all-reduce over the
-// participants -> averaged update -> send state to the late ranks this rank serves.
+// participants -> averaged update -> send state to the late ranks this rank serves; a
+// checkpoint from rank 0 every --checkpoint-every steps, and a stop at the next step boundary
+// when any rank receives SIGTERM/SIGUSR1 (all ranks agree through the coordinator).
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -23,10 +26,12 @@
 #include "collectives/world.h"
 #include "kernels/gemm.h"
 #include "models/model.h"
+#include "runtime/checkpoint.h"
 #include "runtime/checksum.h"
 #include "runtime/dataset.h"
 #include "runtime/inject_delay.h"
 #include "runtime/optimizer.h"
+#include "runtime/preemption.h"
 #include "runtime/train.h"
 #include "runtime/train_common.h"
 
@@ -67,17 +72,147 @@ std::vector<int> complement(const std::vector<int>& members, int world) {
   return out;
 }
 
+// The coordinator numbers rounds from 0, a resumed run continues at its checkpoint's step:
+// shifts every step crossing the channel, so the loop keeps the run's own step numbers.
+class ResumedControlChannel final : public collectives::ControlChannel {
+ public:
+  ResumedControlChannel(std::unique_ptr<collectives::ControlChannel> inner, uint64_t first_step)
+      : inner_(std::move(inner)), first_step_(first_step) {}
+
+  collectives::StepOrder ready(uint64_t step) override {
+    return shift(inner_->ready(step - first_step_));
+  }
+  std::optional<collectives::StepOrder> busy(uint64_t step,
+                                             std::chrono::nanoseconds max_wait) override {
+    std::optional<collectives::StepOrder> order = inner_->busy(step - first_step_, max_wait);
+    if (order) order = shift(std::move(*order));
+    return order;
+  }
+  collectives::StepOrder failed(uint64_t step) override {
+    return shift(inner_->failed(step - first_step_));
+  }
+  collectives::StepOrder finish(uint64_t n_steps) override {
+    return shift(inner_->finish(n_steps - first_step_));
+  }
+  collectives::StepOrder next_order() override { return shift(inner_->next_order()); }
+  void request_stop() override { inner_->request_stop(); }
+  int rank() const override { return inner_->rank(); }
+
+ private:
+  collectives::StepOrder shift(collectives::StepOrder order) const {
+    order.step += first_step_;
+    return order;
+  }
+
+  std::unique_ptr<collectives::ControlChannel> inner_;
+  uint64_t first_step_;
+};
+
+// Runs `fn` on every rank and agrees on success, as agreed_setup does: the lowest failing rank
+// rethrows its error (one report), the others throw PeerSetupFailed.
+void agreed(int rank, int world, const std::function<void()>& fn) {
+  std::exception_ptr error;
+  try {
+    fn();
+  } catch (const Error&) {
+    error = std::current_exception();
+  }
+  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
+  if (first_failed == rank) std::rethrow_exception(error);
+  if (first_failed < world) throw PeerSetupFailed();
+}
+
+CheckpointMeta checkpoint_meta(const Setup& s, uint64_t step) {
+  return {.step = step,
+          .model = s.model->describe(),
+          .world_size = s.world,
+          .seed = s.cfg.seed,
+          .batch_size = s.cfg.batch_size};
+}
+
+struct ResumePoint {
+  uint64_t step = 0;  // the first step to train
+  std::string path;   // the checkpoint loaded; empty for a fresh start
+};
+
+// Rank 0 checks that --checkpoint-dir is writable. With --resume, rank 0 picks the newest valid
+// checkpoint and every rank loads that same file into `params` and `momentum` (the directory
+// must be shared, as it must be anyway for a job requeued on other nodes). Runs before the
+// control plane exists, so a bad checkpoint ends the job like bad flags: one line, exit 2.
+ResumePoint restore_checkpoint(const Setup& s, std::span<float> params,
+                               std::span<float> momentum) {
+  const TrainConfig& cfg = s.cfg;
+  if (cfg.checkpoint_dir.empty()) return {};
+  auto log = log::get("ckpt");
+  std::optional<LoadedCheckpoint> latest;
+  agreed(s.rank, s.world, [&] {
+    if (s.rank != 0) return;
+    prepare_checkpoint_dir(cfg.checkpoint_dir);
+    if (cfg.resume) latest = load_latest_checkpoint(cfg.checkpoint_dir);
+  });
+  if (!cfg.resume) return {};
+  const std::string path = collectives::broadcast_string(latest ? latest->path : "", 0);
+  if (path.empty()) {
+    if (s.rank == 0) {
+      log->info("--resume: no checkpoint in {}; starting from step 0", cfg.checkpoint_dir);
+    }
+    return {};
+  }
+  CheckpointMeta meta;
+  agreed(s.rank, s.world, [&] {
+    Checkpoint c = latest ? std::move(latest->checkpoint) : read_checkpoint(path);
+    check_resumable(c, path, s.model->describe(), params.size(), momentum.size());
+    std::copy(c.params.begin(), c.params.end(), params.begin());
+    std::copy(c.optimizer_state.begin(), c.optimizer_state.end(), momentum.begin());
+    meta = std::move(c.meta);
+  });
+  if (s.rank == 0) {
+    log->info("resumed from {} at step {} (epoch {})", path, meta.step,
+              s.sampler.epoch_of(meta.step));
+    const CheckpointMeta now = checkpoint_meta(s, meta.step);
+    if (meta.world_size != now.world_size || meta.seed != now.seed ||
+        meta.batch_size != now.batch_size) {
+      log->warn("the checkpoint was written by a run with {} ranks, seed {}, batch size {}; this "
+                "run has {}, {}, {}: its batches differ from an uninterrupted run's",
+                meta.world_size, meta.seed, meta.batch_size, now.world_size, now.seed,
+                now.batch_size);
+    }
+    if (meta.step >= s.total_steps) {
+      log->warn("the checkpoint is at step {}, this run has {} steps: nothing left to train",
+                meta.step, s.total_steps);
+    }
+  }
+  return {meta.step, path};
+}
+
+// Which signal stopped the run and where, on every rank (only the signalled ranks know): the
+// lowest signalled rank's. Collective; every rank calls it when the final order says `stop`.
+struct StopReason {
+  std::string signal = "a stop request";
+  int rank = -1;
+};
+StopReason agreed_stop_reason(const PreemptionSignals& signals, int rank, int world) {
+  const int signalled = collectives::lowest_failed_rank(signals.received() != 0);
+  if (signalled >= world) return {};
+  return {collectives::broadcast_string(
+              rank == signalled ? PreemptionSignals::name(signals.received()) : "", signalled),
+          signalled};
+}
+
 }  // namespace
 
 SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   auto log = log::get("train");
   const int rank = mpi.rank();
   const int world = mpi.size();
+  const PreemptionSignals signals;  // SIGTERM/SIGUSR1 from now on: stop at a step boundary
   std::unique_ptr<Setup> setup =
       agreed_setup(cfg, rank, world, {.index = rank, .count = world},
                    [&] { collectives::CoordinatorConfig(coordinator_config(cfg, world)).validate(); });
   Setup& s = *setup;
   models::Model& model = *s.model;
+  const ResumePoint resumed = restore_checkpoint(s, model.params(), s.optimizer.state());
+  const uint64_t start_step = resumed.step;
 
   // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
   collectives::MpiTransport transport;
@@ -94,6 +229,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       collectives::broadcast_string(coordinator ? coordinator->endpoint() : "", 0);
   std::unique_ptr<collectives::ControlChannel> control =
       collectives::TcpControlClient::connect(endpoint, rank);
+  if (start_step > 0) {
+    control = std::make_unique<ResumedControlChannel>(std::move(control), start_step);
+  }
 
   if (rank == 0) {
     log->info("config: {}", describe(cfg));
@@ -122,7 +260,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const std::array<std::span<float>, 2> state_in = {params, s.optimizer.state()};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
   uint64_t catch_ups = 0;
-  size_t epochs_evaluated = 0;
+  size_t epochs_evaluated = start_step / s.sampler.steps_per_epoch();
   EvalRecord last_eval;
   const Clock::time_point start = Clock::now();
 
@@ -147,17 +285,20 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // Sends this rank's fresh state to every late rank it serves after `order`'s round. A late
   // rank that froze again cannot receive: give up on it after the ring timeout (it will report
   // the failed catch-up and be served again), never stall the participants.
+  // An early catch-up (kServe) sends the state this rank computes `order.step` from.
   auto serve_catchups = [&](const collectives::StepOrder& order, StepRecord& rec) {
     for (int late : order.late_ranks_served_by(rank)) {
-      collectives::StateHeader header{.step = order.final_round ? order.step : order.step + 1};
+      collectives::StateHeader header{
+          .step = order.final_round || order.early ? order.step : order.step + 1};
       header.user[0] = checksum64(params);
       header.user[1] = checksum64(s.optimizer.state());
       try {
-        collectives::send_state(ctx, late, order.step, header, state_out);
+        collectives::send_state(ctx, late, collectives::state_sequence(order), header, state_out);
       } catch (const TimeoutError& e) {
         log->warn("step {}: could not catch up rank {}: {}", order.step, late, e.what());
       }
     }
+    if (order.early) return;  // only this donor knows of it; counted in the summary
     for (const collectives::CatchUp& c : order.catchups) rec.late.push_back(c.late_rank);
   };
 
@@ -167,7 +308,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
                       uint64_t from_step) -> std::optional<uint64_t> {
     collectives::StateHeader header;
     try {
-      collectives::recv_state(ctx, order.donor, order.step, header, state_in);
+      collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
+                              state_in);
     } catch (const TimeoutError& e) {
       log->warn("catch-up from rank {} after step {} failed: {}", order.donor, order.step,
                 e.what());
@@ -194,10 +336,37 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     return std::nullopt;
   };
 
-  uint64_t step = 0;
+  // Rank 0 writes checkpoints: its state after a step is the run's (participants agree
+  // bitwise; a rank that caught up holds the donor's).
+  uint64_t last_checkpoint = start_step;
+  std::string last_checkpoint_path = resumed.path;
+  auto write_checkpoint_at = [&](uint64_t completed_steps) {
+    const Clock::time_point t0 = Clock::now();
+    last_checkpoint_path = write_checkpoint(
+        cfg.checkpoint_dir, checkpoint_meta(s, completed_steps), params, s.optimizer.state());
+    prune_checkpoints(cfg.checkpoint_dir, cfg.checkpoint_keep);
+    last_checkpoint = completed_steps;
+    log::get("ckpt")->info("checkpoint {} written ({:.0f} ms)", last_checkpoint_path,
+                           ms_since(t0));
+  };
+  auto maybe_checkpoint = [&](uint64_t completed_steps) {  // a catch-up may skip steps
+    if (rank != 0 || cfg.checkpoint_every == 0) return;
+    if (completed_steps / cfg.checkpoint_every > last_checkpoint / cfg.checkpoint_every) {
+      write_checkpoint_at(completed_steps);
+    }
+  };
+
+  uint64_t step = start_step;
   bool stop = false;
+  bool stop_requested = false;
   bool final_round_done = false;  // a late rank may be caught up by the final round itself
   while (step < s.total_steps && !stop && !final_round_done) {
+    if (signals.received() != 0 && !stop_requested) {
+      log->warn("received {}: asking every rank to stop at the next step boundary",
+                PreemptionSignals::name(signals.received()));
+      control->request_stop();
+      stop_requested = true;
+    }
     StepRecord rec;
     rec.step = step;
     rec.epoch = s.sampler.epoch_of(step);
@@ -220,6 +389,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     const Clock::time_point t_comm = Clock::now();
     bool participated = false;
     for (;;) {
+      if (order.kind == collectives::OrderKind::kServe) {  // a late rank needs this state now
+        serve_catchups(order, rec);
+        order = control->next_order();
+        continue;
+      }
       if (order.kind == collectives::OrderKind::kCatchUp) {  // too late: gradient dropped
         if (std::optional<uint64_t> next = catch_up(order, step)) {
           step = *next;
@@ -249,6 +423,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
     if (!participated) {
       maybe_evaluate(step, rec.loss);
+      maybe_checkpoint(step);
       continue;
     }
 
@@ -267,11 +442,13 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     stop = order.stop;
     step += 1;
     maybe_evaluate(step, rec.loss);
+    maybe_checkpoint(step);
   }
 
   // Final round: every rank ends with the same state (late ranks are caught up once more).
   if (!final_round_done) {
     const collectives::StepOrder final_order = control->finish(step);
+    stop = final_order.stop;  // the same on every rank (the coordinator's flag is sticky)
     if (final_order.kind == collectives::OrderKind::kCatchUp) {
       // The coordinator is done after the final round: nothing can repair a failed transfer.
       std::optional<uint64_t> next = catch_up(final_order, step);
@@ -286,12 +463,30 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   }
   maybe_evaluate(step, 0);
 
+  // A stopped run (preemption) and every run with --checkpoint-dir end with a checkpoint.
+  const StopReason stopped_by = stop ? agreed_stop_reason(signals, rank, world) : StopReason{};
+  if (rank == 0) {
+    const bool have_dir = !cfg.checkpoint_dir.empty();
+    if (have_dir && (last_checkpoint != step || last_checkpoint_path.empty())) {
+      write_checkpoint_at(step);
+    }
+    if (stop) {
+      log->warn("stopped by {} at step {}{}; {}", stopped_by.signal, step,
+                stopped_by.rank >= 0 ? fmt::format(" (signalled on rank {})", stopped_by.rank)
+                                     : std::string(),
+                have_dir ? fmt::format("checkpoint {} written; resume with --resume",
+                                       last_checkpoint_path)
+                         : std::string("no checkpoint written (no --checkpoint-dir)"));
+    }
+  }
+
   // ---- summary: every rank's checksum compared ------------------------------------------
   SummaryRecord summary;
   summary.steps = step;
   summary.elapsed_s = ms_since(start) / 1000.0;
-  const uint64_t samples = (uint64_t(world) * step - collectives::sum_over_ranks(steps_skipped)) *
-                           cfg.batch_size;
+  const uint64_t samples =
+      (uint64_t(world) * (step - start_step) - collectives::sum_over_ranks(steps_skipped)) *
+      cfg.batch_size;
   summary.samples_per_s = summary.elapsed_s > 0 ? double(samples) / summary.elapsed_s : 0;
   summary.test_accuracy = last_eval.test_accuracy;
   const uint64_t checksum = checksum64(params);
@@ -299,6 +494,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   summary.ranks_agree = collectives::all_ranks_equal(checksum);
   summary.dropped_gradients = collectives::sum_over_ranks(steps_skipped);
   summary.catch_ups = collectives::sum_over_ranks(catch_ups);
+  if (!resumed.path.empty()) summary.resumed_from_step = start_step;
+  if (stop) summary.stopped_by = stopped_by.signal;
   if (rank == 0) {
     s.metrics.summary(summary);
     log->info("done: {} steps in {:.1f} s, {:.0f} samples/s, test accuracy {:.4f}, checksum {}, "

@@ -1,0 +1,91 @@
+// Checkpoints of a training run: what one holds, the file format (magic, format version, model
+// description, CRC-32 over the contents), atomic writing, listing, pruning and validated loading.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace resync::runtime {
+
+// File layout, little-endian:
+//   [0, 8)   magic "RSYNCKPT"
+//   [8, 12)  u32 format version
+//   [12, 16) u32 CRC-32 (zlib) of every byte of the file except these four
+//   [16, 24) u64 body bytes (the file is exactly 24 + body bytes long)
+//   body:    u64 step, u32 world size, u32 reserved (0), u64 seed, u64 batch size,
+//            u32 model description length + its bytes,
+//            u64 n_params + the parameters (f32), u64 n_state + the optimizer state (f32)
+inline constexpr char kCheckpointMagic[8] = {'R', 'S', 'Y', 'N', 'C', 'K', 'P', 'T'};
+inline constexpr uint32_t kCheckpointVersion = 1;
+inline constexpr size_t kCheckpointHeaderBytes = 24;
+
+// The run a checkpoint belongs to. `model` and the sizes must match to resume; the others
+// decide whether the continuation repeats an uninterrupted run exactly (shards and batches are
+// pure functions of seed, world size, batch size and step).
+struct CheckpointMeta {
+  uint64_t step = 0;    // steps completed: training continues with this step
+  std::string model;    // models::Model::describe(), e.g. "mlp 784-64-10 (50890 params)"
+  int world_size = 0;   // ranks of the run that wrote it
+  uint64_t seed = 0;
+  uint64_t batch_size = 0;  // per rank
+  bool operator==(const CheckpointMeta&) const = default;
+};
+
+// What a checkpoint holds: the state after `meta.step` steps (identical on every rank of a
+// synchronous run at a step boundary).
+struct Checkpoint {
+  CheckpointMeta meta;
+  std::vector<float> params;
+  std::vector<float> optimizer_state;  // SGD momentum (velocity)
+};
+
+struct CheckpointFile {
+  uint64_t step = 0;
+  std::string path;
+};
+
+// "ckpt-000000123.rsck": the name of the checkpoint after `step` steps.
+std::string checkpoint_file_name(uint64_t step);
+
+// Creates `dir` (and its parents) if needed, checks that files can be created in it, and removes
+// temp files a writer killed mid-write left behind. Throws InvalidArgument naming
+// --checkpoint-dir and the reason.
+void prepare_checkpoint_dir(const std::string& dir);
+
+// Writes the checkpoint after `meta.step` steps to dir/checkpoint_file_name(step) such that a
+// crash at any moment leaves either the previous file or the complete new one: a temp file in
+// the same directory, fsync, rename over the final name, fsync of the directory. Returns the
+// path. Throws resync::Error (naming the file and errno) on an I/O failure.
+std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
+                             std::span<const float> params,
+                             std::span<const float> optimizer_state);
+
+// Reads and validates a checkpoint file. Throws DataError naming the file and what is wrong
+// (unreadable, truncated, not a checkpoint, unsupported version, CRC mismatch, malformed).
+Checkpoint read_checkpoint(const std::string& path);
+
+// The checkpoint files in `dir` by name (temp files and anything else ignored), ascending step.
+// A missing directory has none. Throws DataError if `dir` cannot be listed.
+std::vector<CheckpointFile> list_checkpoints(const std::string& dir);
+
+// Deletes all checkpoints of `dir` but the newest `keep` (keep >= 1). Returns what it removed.
+std::vector<std::string> prune_checkpoints(const std::string& dir, size_t keep);
+
+struct LoadedCheckpoint {
+  std::string path;
+  Checkpoint checkpoint;
+};
+
+// The newest checkpoint of `dir` that reads and validates; each invalid newer one is reported
+// as a warning on the "ckpt" logger and skipped, never loaded. nullopt if there is none.
+std::optional<LoadedCheckpoint> load_latest_checkpoint(const std::string& dir);
+
+// Throws InvalidArgument, naming `path`, if `ckpt` cannot continue a run of `model` with
+// `n_params` parameters and `n_state` optimizer values.
+void check_resumable(const Checkpoint& ckpt, const std::string& path, const std::string& model,
+                     size_t n_params, size_t n_state);
+
+}  // namespace resync::runtime
