@@ -2,7 +2,8 @@
 
 #include <fmt/format.h>
 
-#include <string_view>
+#include <mutex>
+#include <utility>
 
 #include "base/error.h"
 #include "models/cnn.h"
@@ -11,15 +12,51 @@
 namespace resync::models {
 namespace {
 
-// The registry. Adding a model: write its builder (a LayerStack from a ModelSpec) in its own
-// file pair and add one line here.
-struct Registered {
-  std::string_view name;
-  LayerStack (*build)(const ModelSpec&);
-};
-constexpr Registered kModels[] = {
-    {"mlp", &build_mlp},
-    {"cnn", &build_cnn},
+// The registry: the built-ins, then whatever a program registers before it trains. A function-
+// local static so that registering from another static initialiser cannot see it unbuilt.
+class Registry {
+ public:
+  static Registry& instance() {
+    static Registry registry;
+    return registry;
+  }
+
+  void add(const std::string& name, ModelBuilder build) {
+    RESYNC_CHECK_ARG(!name.empty(), "register_model: empty model name");
+    RESYNC_CHECK_ARG(static_cast<bool>(build),
+                     fmt::format("register_model: model '{}' has no builder", name));
+    const std::lock_guard lock(mutex_);
+    for (const auto& entry : entries_) {
+      RESYNC_CHECK_ARG(entry.first != name,
+                       fmt::format("register_model: model '{}' is already registered", name));
+    }
+    entries_.emplace_back(name, std::move(build));
+  }
+
+  // A copy, so that a builder runs without the lock held (it may itself consult the registry).
+  ModelBuilder find(const std::string& name) const {
+    const std::lock_guard lock(mutex_);
+    for (const auto& entry : entries_) {
+      if (entry.first == name) return entry.second;
+    }
+    return {};
+  }
+
+  std::vector<std::string> names() const {
+    const std::lock_guard lock(mutex_);
+    std::vector<std::string> out;
+    for (const auto& entry : entries_) out.push_back(entry.first);
+    return out;
+  }
+
+ private:
+  Registry() {
+    add("mlp", &build_mlp);
+    add("cnn", &build_cnn);
+  }
+
+  mutable std::mutex mutex_;
+  std::vector<std::pair<std::string, ModelBuilder>> entries_;
 };
 
 }  // namespace
@@ -106,19 +143,18 @@ std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint6
                                spec.in_height, spec.in_width));
   RESYNC_CHECK_ARG(spec.n_classes > 0, "model: number of classes must be > 0");
   RESYNC_CHECK_ARG(max_batch > 0, "model: max batch must be > 0");
-  for (const Registered& entry : kModels) {
-    if (entry.name == spec.name) {
-      return std::make_unique<Model>(entry.build(spec), spec.n_classes, max_batch, seed);
-    }
+  const ModelBuilder build = Registry::instance().find(spec.name);
+  if (!build) {
+    throw InvalidArgument(
+        fmt::format("unknown model '{}' (known: {})", spec.name, fmt::join(model_names(), ", ")));
   }
-  throw InvalidArgument(
-      fmt::format("unknown model '{}' (known: {})", spec.name, fmt::join(model_names(), ", ")));
+  return std::make_unique<Model>(build(spec), spec.n_classes, max_batch, seed);
 }
 
-std::vector<std::string> model_names() {
-  std::vector<std::string> names;
-  for (const Registered& entry : kModels) names.emplace_back(entry.name);
-  return names;
+void register_model(const std::string& name, ModelBuilder build) {
+  Registry::instance().add(name, std::move(build));
 }
+
+std::vector<std::string> model_names() { return Registry::instance().names(); }
 
 }  // namespace resync::models

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -78,11 +79,21 @@ class Model {
   std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
 };
 
-// Builds a registered model ("mlp", "cnn"; see model_names()). An unknown name or a bad spec (zero
-// sizes, empty or zero hidden widths) or max_batch == 0 throws InvalidArgument.
+// Builds a model's layers for a spec: input of spec.input_size() floats, last layer
+// spec.n_classes wide. Throws InvalidArgument for a spec it cannot build.
+using ModelBuilder = std::function<LayerStack(const ModelSpec& spec)>;
+
+// Adds a model to the registry that make_model() and `resync train --model` consult, so that a
+// program linking the runtime can train its own model. The built-ins ("mlp", "cnn") are
+// registered the same way. Call before training starts (e.g. at the top of main()); safe from
+// any thread. Throws InvalidArgument for an empty name, a name already taken or an empty builder.
+void register_model(const std::string& name, ModelBuilder build);
+
+// Builds a registered model (see model_names()). An unknown name or a bad spec (zero sizes, empty
+// or zero hidden widths) or max_batch == 0 throws InvalidArgument.
 std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed);
 
-// Registered model names, in registry order.
+// Registered model names, built-ins first, then in registration order.
 std::vector<std::string> model_names();
 
 }  // namespace resync::models

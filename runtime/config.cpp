@@ -6,6 +6,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "models/model.h"
 #include "runtime/inject_delay.h"
 
 namespace resync::runtime {
@@ -52,7 +53,7 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
 
   app.add_option("--model", cfg.model, "Model: mlp")
       ->capture_default_str()
-      ->check(CLI::IsMember({"mlp", "cnn"}));
+      ->check(CLI::IsMember(models::model_names()));  // built-ins and registered models
   app.add_option("--hidden", cfg.hidden, "Hidden layer sizes of the mlp, comma separated")
       ->delimiter(',')
       ->capture_default_str()
