@@ -1,6 +1,9 @@
 #include "collectives/world.h"
 
 #include <mpi.h>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // Open MPI: MPIX_CUDA_AWARE_SUPPORT, MPIX_Query_cuda_support
+#endif
 
 #include <cstdlib>
 #include <vector>
@@ -39,6 +42,41 @@ std::string broadcast_string(const std::string& text, int root) {
   buf.resize(static_cast<size_t>(n_bytes));
   RESYNC_CHECK_MPI(MPI_Bcast(buf.data(), n_bytes, MPI_CHAR, root, MPI_COMM_WORLD));
   return std::string(buf.begin(), buf.end());
+}
+
+NodeLocalRank node_local_rank() {
+  MPI_Comm node = MPI_COMM_NULL;
+  RESYNC_CHECK_MPI(
+      MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  NodeLocalRank local;
+  const int rank_rc = MPI_Comm_rank(node, &local.rank);
+  const int size_rc = MPI_Comm_size(node, &local.size);
+  MPI_Comm_free(&node);
+  RESYNC_CHECK_MPI(rank_rc);
+  RESYNC_CHECK_MPI(size_rc);
+  return local;
+}
+
+MpiCudaSupport mpi_cuda_support() {
+#if defined(MPIX_CUDA_AWARE_SUPPORT)
+  // The compile-time macro says what the headers were built for; the run-time query what the
+  // loaded library does (Open MPI may be rebuilt without CUDA under the same headers).
+  return MPIX_Query_cuda_support() == 1 ? MpiCudaSupport::kYes : MpiCudaSupport::kNo;
+#else
+  return MpiCudaSupport::kUnknown;
+#endif
+}
+
+std::string describe(MpiCudaSupport support) {
+  switch (support) {
+    case MpiCudaSupport::kYes:
+      return "yes (MPIX_Query_cuda_support)";
+    case MpiCudaSupport::kNo:
+      return "no (MPIX_Query_cuda_support)";
+    case MpiCudaSupport::kUnknown:
+      break;
+  }
+  return "unknown (this MPI has no CUDA query extension)";
 }
 
 void abort_world(int exit_code) {

@@ -20,6 +20,22 @@ uint64_t sum_over_ranks(uint64_t value);
 // Rank `root`'s `text` on every rank.
 std::string broadcast_string(const std::string& text, int root);
 
+// This process's rank among the ranks on its node (MPI_Comm_split_type, MPI_COMM_TYPE_SHARED)
+// and how many ranks share the node: picks one GPU per rank. Collective over MPI_COMM_WORLD.
+struct NodeLocalRank {
+  int rank = 0;
+  int size = 1;
+};
+NodeLocalRank node_local_rank();
+
+// Whether the MPI library accepts device (CUDA) pointers in its calls: kYes/kNo when it can tell
+// (Open MPI's MPIX_Query_cuda_support), kUnknown otherwise; logged with the GPU gradient-exchange
+// choice (runtime/replica.h). Not collective; needs no device and no CUDA build.
+enum class MpiCudaSupport { kNo, kYes, kUnknown };
+MpiCudaSupport mpi_cuda_support();
+// "yes (...)", "no (...)" or "unknown (...)": the answer and how it was found, for the log.
+std::string describe(MpiCudaSupport support);
+
 // Ends every process of the job with `exit_code` (MPI_Abort): for failures after which some
 // ranks could otherwise wait forever. Only main() calls it.
 [[noreturn]] void abort_world(int exit_code);

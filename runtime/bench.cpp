@@ -19,6 +19,7 @@
 #include "base/error.h"
 #include "collectives/float_sum.h"
 #include "runtime/bench_allreduce.h"
+#include "runtime/bench_step.h"
 
 namespace resync::runtime {
 
@@ -274,11 +275,41 @@ int bench_main(int argc, char** argv) {
       ->check(CLI::Range(0.001, 60.0))
       ->capture_default_str();
 
+  StepBenchConfig st;
+  CLI::App* step = app.add_subcommand(
+      "step",
+      "Samples/s of one training step (forward, backward, SGD) on one rank, on the cpu "
+      "or a CUDA GPU (then with the cpu figure beside it)");
+  step->add_option("--device", st.device, "Where the step runs: cpu or cuda")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  step->add_option("--model", st.model, "Model: mlp or cnn")
+      ->check(CLI::IsMember({"mlp", "cnn"}))
+      ->capture_default_str();
+  step->add_option("--hidden", st.hidden, "Hidden layer widths of the mlp")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 16))
+      ->delimiter(',')
+      ->capture_default_str();
+  step->add_option("--batch-size", st.batch_size, "Samples per step")
+      ->check(CLI::Range(size_t{1}, size_t{1} << 16))
+      ->capture_default_str();
+  step->add_option("--iters", st.iters, "Timed steps")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  step->add_option("--warmup", st.warmup, "Untimed steps before timing")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
+  step->add_option("--threads", st.threads, "BLAS threads of the cpu step")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  step->add_option("--seed", st.seed, "Seed of the parameters and the synthetic batch")
+      ->capture_default_str();
+
   try {
     if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "allreduce") != 0 &&
-        std::strcmp(argv[1], "membw") != 0) {
+        std::strcmp(argv[1], "membw") != 0 && std::strcmp(argv[1], "step") != 0) {
       throw CLI::ValidationError(std::string("unknown benchmark '") + argv[1] +
-                                 "' (allreduce, membw)");
+                                 "' (allreduce, membw, step)");
     }
     app.parse(argc, argv);
     if (allreduce->parsed()) {
@@ -293,7 +324,7 @@ int bench_main(int argc, char** argv) {
       if (ar.max_bytes / sizeof(float) + ar.extra_elems > (size_t{1} << 31) - 1) {
         throw CLI::ValidationError("--max-bytes", "MPI_Allreduce counts are ints: at most 8 GiB");
       }
-    } else {
+    } else if (membw->parsed()) {
       mb.min_bytes = parse_bytes("--min-bytes", mb_min);
       mb.max_bytes = parse_bytes("--max-bytes", mb_max);
       if (mb.min_bytes < sizeof(float) || mb.max_bytes < mb.min_bytes) {
@@ -311,6 +342,7 @@ int bench_main(int argc, char** argv) {
 
   try {
     if (allreduce->parsed()) return run_allreduce_bench(ar);
+    if (step->parsed()) return run_step_bench(st);
     return run_membw_bench(mb);
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "resync bench: error: %s\n", e.what());

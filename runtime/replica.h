@@ -1,0 +1,87 @@
+// Replica: one rank's model and optimizer on one device (CPU, or a CUDA GPU), the unit the
+// training loop talks to; and make_replica, which builds one for `--device cpu|cuda`.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "kernels/sgd.h"
+#include "models/model.h"
+
+namespace resync::runtime {
+
+// Where compute_gradients leaves the gradient and apply_gradients takes it from.
+//   kHost:   gradient_buffer() (host memory; pinned on CUDA), for resync's ring on the host.
+//   kDevice: device_gradient_buffer(), for an all-reduce on the device (NCCL, or a CUDA-aware
+//            MPI); the host copy is skipped both ways. CUDA replicas only.
+enum class GradientLocation { kHost, kDevice };
+
+class Replica {
+ public:
+  virtual ~Replica() = default;
+
+  // e.g. "mlp 784-512-512-10 (669706 params) on cpu" or "... on cuda:0 (NVIDIA A100 ...)".
+  virtual std::string describe() const = 0;
+  virtual size_t n_params() const = 0;
+  virtual size_t max_batch() const = 0;
+
+  // Forward and backward of one mini-batch given in host memory (x [n x input size], labels
+  // [n], 1 <= n <= max_batch); returns the mean loss. Afterwards the gradient of that mean is
+  // in gradient_buffer() (or device_gradient_buffer(), see GradientLocation), where the
+  // all-reduce may sum it in place.
+  virtual float compute_gradients(const float* x, const int32_t* y, size_t n) = 0;
+  virtual std::span<float> gradient_buffer() = 0;
+
+  // Applies the gradient now in the gradient buffer, scaled by grad_scale (1/|participants| for
+  // a summed gradient), with SGD-momentum on the device where the parameters live.
+  virtual void apply_gradients(float grad_scale) = 0;
+
+  // Host views of the full state {parameters, optimizer velocity}, for checksums, catch-up
+  // transfers and checkpoints. On CUDA they are a host mirror: download_state() fills it from
+  // the device, upload_state() sends a change made to it (catch-up, resume) back. On CPU both
+  // are no-ops and the views alias the live state.
+  virtual std::array<std::span<float>, 2> host_state() = 0;
+  virtual void download_state() = 0;
+  virtual void upload_state() = 0;
+
+  // Forward only on host inputs (0 <= n <= max_batch): summed loss, correct count and n.
+  virtual models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) = 0;
+
+  // GradientLocation::kDevice is for CUDA replicas only (InvalidArgument on CPU).
+  virtual void set_gradient_location(GradientLocation location) = 0;
+  // The device gradient (valid while the location is kDevice on a CUDA replica), else empty.
+  virtual std::span<float> device_gradient_buffer() = 0;
+  // The CUDA device this replica computes on, or -1 for the CPU.
+  virtual int cuda_device() const = 0;
+};
+
+// Builds the replica of `spec` for `device` ("cpu" or "cuda"), for batches of up to max_batch.
+// The initial parameters come from models::make_model(spec, max_batch, seed) on every device, so
+// a CUDA run starts from the same point as a CPU run. On CUDA the GPU is local_rank modulo the
+// number of visible devices (local_rank: collectives::node_local_rank().rank).
+// Throws InvalidArgument for an unknown device or a bad spec, and DeviceError with one line when
+// the CUDA replica cannot be made: "this build has no CUDA support", "no CUDA device is available
+// (...)", "model cnn is not yet supported on cuda", or an out-of-memory message.
+std::unique_ptr<Replica> make_replica(const std::string& device, const models::ModelSpec& spec,
+                                      size_t max_batch, uint64_t seed,
+                                      const kernels::SgdHyper& hyper, int local_rank);
+
+// How a training loop on GPUs exchanges gradients, decided from the flags and the MPI library:
+// --collective nccl all-reduces on the device; the ring (needed for backup workers and timeouts)
+// stages through the pinned host gradient buffer. It does so even with a CUDA-aware MPI: the
+// ring sums the segments it receives with host code, so it cannot be handed device pointers.
+enum class GpuExchange { kNccl, kRingHostStaged };
+struct GpuExchangeChoice {
+  GpuExchange exchange;
+  GradientLocation location;  // what to pass to Replica::set_gradient_location
+  std::string reason;         // one line for the log
+};
+// collective: "ring" or "nccl"; mpi_cuda_support: collectives::describe(mpi_cuda_support()).
+GpuExchangeChoice choose_gpu_exchange(const std::string& collective,
+                                      const std::string& mpi_cuda_support);
+
+}  // namespace resync::runtime

@@ -1,0 +1,185 @@
+// The Replica without a GPU: the CPU replica reproduces models::Model + SgdOptimizer bit for bit,
+// make_replica's argument and no-CUDA/no-device errors, and the GPU exchange choice.
+#include "runtime/replica.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "base/random.h"
+#include "runtime/optimizer.h"
+
+#ifdef RESYNC_WITH_CUDA
+#include "kernels/cuda/context.h"
+#endif
+
+namespace resync::runtime {
+namespace {
+
+uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+void expect_same_bits(std::span<const float> actual, std::span<const float> expected,
+                      const std::string& what) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    ASSERT_EQ(bits_of(actual[i]), bits_of(expected[i]))
+        << what << ": index " << i << " expected " << expected[i] << " actual " << actual[i];
+  }
+}
+
+struct Batch {
+  std::vector<float> x;
+  std::vector<int32_t> y;
+};
+
+Batch seeded_batch(const models::ModelSpec& spec, size_t n, uint64_t seed) {
+  SplitMix64 rng(seed);
+  Batch b{std::vector<float>(n * spec.input_size()), std::vector<int32_t>(n)};
+  for (float& v : b.x) v = static_cast<float>(2.0 * rng.uniform() - 1.0);
+  for (int32_t& label : b.y) label = static_cast<int32_t>(rng.next() % spec.n_classes);
+  return b;
+}
+
+models::ModelSpec small_spec(const std::string& name) {
+  models::ModelSpec spec;
+  spec.name = name;
+  spec.hidden = {24, 16};
+  spec.in_channels = 1;
+  spec.in_height = 8;
+  spec.in_width = 8;
+  spec.n_classes = 5;
+  return spec;
+}
+
+class CpuReplicaTest : public ::testing::TestWithParam<std::string> {};
+
+// The reference is what the training loop did before replicas: the Model and an SgdOptimizer.
+TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const size_t max_batch = 6;
+  const kernels::SgdHyper hyper{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-4f};
+  const uint64_t seed = 11;
+
+  std::unique_ptr<Replica> replica = make_replica("cpu", spec, max_batch, seed, hyper, 0);
+  std::unique_ptr<models::Model> model = models::make_model(spec, max_batch, seed);
+  SgdOptimizer optimizer(model->n_params(), hyper);
+  ASSERT_EQ(replica->n_params(), model->n_params());
+  ASSERT_EQ(replica->max_batch(), max_batch);
+  expect_same_bits(replica->host_state()[0], model->params(), "initial parameters");
+
+  for (int step = 0; step < 4; ++step) {
+    const size_t n = step == 2 ? 3 : max_batch;  // a short batch too
+    const Batch b = seeded_batch(spec, n, 100 + step);
+    const float expected_loss = model->forward_backward(b.x.data(), b.y.data(), n);
+    const float loss = replica->compute_gradients(b.x.data(), b.y.data(), n);
+    ASSERT_EQ(bits_of(loss), bits_of(expected_loss))
+        << "step " << step << ": expected loss " << expected_loss << " actual " << loss;
+    expect_same_bits(replica->gradient_buffer(), model->grads(),
+                     "gradient of step " + std::to_string(step));
+    // The all-reduce sums in place in the gradient buffer: mimic a sum over two ranks.
+    for (float& g : replica->gradient_buffer()) g *= 2.0f;
+    for (float& g : model->grads()) g *= 2.0f;
+    replica->apply_gradients(0.5f);
+    optimizer.step(model->params(), model->grads(), 0.5f);
+    replica->download_state();
+    const auto state = replica->host_state();
+    expect_same_bits(state[0], model->params(), "parameters after step " + std::to_string(step));
+    expect_same_bits(state[1], optimizer.state(), "velocity after step " + std::to_string(step));
+  }
+  const Batch test = seeded_batch(spec, 5, 999);
+  const models::EvalResult expected = model->evaluate(test.x.data(), test.y.data(), 5);
+  const models::EvalResult actual = replica->evaluate(test.x.data(), test.y.data(), 5);
+  EXPECT_EQ(actual.loss_sum, expected.loss_sum);
+  EXPECT_EQ(actual.correct, expected.correct);
+  EXPECT_EQ(actual.count, 5u);
+}
+
+// On the CPU the host views are the live state: a catch-up writes them and the next step uses it.
+TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const kernels::SgdHyper hyper{.lr = 0.1f, .momentum = 0.5f, .weight_decay = 0.0f};
+  std::unique_ptr<Replica> a = make_replica("cpu", spec, 4, 1, hyper, 0);
+  std::unique_ptr<Replica> b = make_replica("cpu", spec, 4, 2, hyper, 0);
+  const Batch batch = seeded_batch(spec, 4, 5);
+  a->compute_gradients(batch.x.data(), batch.y.data(), 4);
+  a->apply_gradients(1.0f);
+  // b catches up with a's state, then both take the same step.
+  a->download_state();
+  for (size_t k = 0; k < 2; ++k) {
+    std::memcpy(b->host_state()[k].data(), a->host_state()[k].data(),
+                a->host_state()[k].size_bytes());
+  }
+  b->upload_state();
+  const float loss_a = a->compute_gradients(batch.x.data(), batch.y.data(), 4);
+  const float loss_b = b->compute_gradients(batch.x.data(), batch.y.data(), 4);
+  EXPECT_EQ(bits_of(loss_a), bits_of(loss_b));
+  a->apply_gradients(1.0f);
+  b->apply_gradients(1.0f);
+  expect_same_bits(b->host_state()[0], a->host_state()[0], "parameters after catch-up");
+  expect_same_bits(b->host_state()[1], a->host_state()[1], "velocity after catch-up");
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CpuReplicaTest, ::testing::Values("mlp", "cnn"));
+
+TEST(MakeReplica, CpuDescribesItselfAndRejectsDeviceGradients) {
+  std::unique_ptr<Replica> r = make_replica("cpu", small_spec("mlp"), 4, 1, {}, 0);
+  const std::string d = r->describe();
+  EXPECT_NE(d.find("mlp 64-24-16-5"), std::string::npos) << d;
+  EXPECT_EQ(d.substr(d.size() - 7), " on cpu") << d;
+  EXPECT_EQ(r->cuda_device(), -1);
+  EXPECT_TRUE(r->device_gradient_buffer().empty());
+  EXPECT_THROW(r->set_gradient_location(GradientLocation::kDevice), InvalidArgument);
+  EXPECT_NO_THROW(r->set_gradient_location(GradientLocation::kHost));
+}
+
+TEST(MakeReplica, UnknownDeviceOrModelIsInvalidArgument) {
+  EXPECT_THROW(make_replica("tpu", small_spec("mlp"), 4, 1, {}, 0), InvalidArgument);
+  EXPECT_THROW(make_replica("cpu", small_spec("resnet"), 4, 1, {}, 0), InvalidArgument);
+  EXPECT_THROW(make_replica("cpu", small_spec("mlp"), 0, 1, {}, 0), InvalidArgument);
+}
+
+// What `resync train --device cuda` and `resync bench step --device cuda` report on a machine
+// without a GPU (or a build without CUDA): one line, DeviceError (exit code 1 in main).
+TEST(MakeReplica, CudaWithoutDeviceThrowsOneLineDeviceError) {
+  std::string expected_prefix;
+#ifdef RESYNC_WITH_CUDA
+  if (kernels::cuda::query_devices().n_devices > 0) {
+    GTEST_SKIP() << "a CUDA device exists: the no-device path cannot be reached here";
+  }
+  expected_prefix = "no CUDA device is available (";
+#else
+  expected_prefix = "this build has no CUDA support";
+#endif
+  std::string msg;
+  try {
+    make_replica("cuda", small_spec("mlp"), 4, 1, {}, 0);
+    FAIL() << "make_replica(\"cuda\") succeeded without a device";
+  } catch (const DeviceError& e) {
+    msg = e.what();
+  }
+  EXPECT_EQ(msg.rfind(expected_prefix, 0), 0u)
+      << "expected prefix '" << expected_prefix << "', actual message: " << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+}
+
+TEST(ChooseGpuExchange, NcclOnDeviceRingStagedOnHost) {
+  const GpuExchangeChoice nccl = choose_gpu_exchange("nccl", "no (x)");
+  EXPECT_EQ(nccl.exchange, GpuExchange::kNccl);
+  EXPECT_EQ(nccl.location, GradientLocation::kDevice);
+  const GpuExchangeChoice ring = choose_gpu_exchange("ring", "yes (MPIX_Query_cuda_support)");
+  EXPECT_EQ(ring.exchange, GpuExchange::kRingHostStaged);
+  EXPECT_EQ(ring.location, GradientLocation::kHost);
+  EXPECT_NE(ring.reason.find("yes (MPIX_Query_cuda_support)"), std::string::npos) << ring.reason;
+  EXPECT_EQ(ring.reason.find('\n'), std::string::npos);
+}
+
+}  // namespace
+}  // namespace resync::runtime
