@@ -19,6 +19,7 @@
 #include "runtime/config.h"
 #include "runtime/info.h"
 #include "runtime/train.h"
+#include "runtime/train_common.h"
 
 namespace resync::runtime {
 namespace {
@@ -109,6 +110,10 @@ int run_cli(int argc, char** argv) {
   } catch (const resync::DataError& e) {
     print_error(-1, e.what());
     return kExitBadInput;
+  } catch (const SetupDeviceError& e) {
+    // No usable device, agreed on by every rank at set-up: one line, exit 1, no MPI abort.
+    if (!is_quiet_peer_failure(e)) print_error(-1, e.what());
+    return kExitRuntime;
   } catch (const std::exception& e) {
     // A runtime failure may leave other ranks waiting on this one: end the whole job.
     print_error(rank, e.what());

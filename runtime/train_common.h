@@ -15,6 +15,7 @@
 #include "runtime/inject_delay.h"
 #include "runtime/metrics.h"
 #include "runtime/optimizer.h"
+#include "runtime/replica.h"
 
 namespace resync::runtime {
 
@@ -27,7 +28,8 @@ struct ShardAssignment {
 
 // Everything one rank trains with, built once. Construction is where bad input shows up.
 struct Setup {
-  Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard);
+  // `local_rank`: this rank's index on its node (picks the GPU with --device cuda).
+  Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard, int local_rank);
 
   models::ModelSpec model_spec() const;
 
@@ -36,8 +38,9 @@ struct Setup {
   int world;
   DelaySpec delay_spec;
   DataSplits data;
-  std::unique_ptr<models::Model> model;
-  SgdOptimizer optimizer;
+  std::unique_ptr<models::Model> model;  // host model: its description; async mode computes on it
+  SgdOptimizer optimizer;                // async mode
+  std::unique_ptr<Replica> replica;      // sync mode: model + optimizer on --device
   ShardSampler sampler;
   uint64_t total_steps;  // steps of this rank's shard (--steps or --epochs)
   MetricsWriter metrics;  // rank 0 only; a no-op elsewhere
@@ -46,10 +49,21 @@ struct Setup {
 };
 
 // Raised on every rank but one when set-up failed somewhere: the lowest failing rank reports
-// its reason, the others exit quietly with the same code (see is_quiet_peer_failure).
+// its reason, the others exit quietly with the same code (see is_quiet_peer_failure): 2 for bad
+// input, 1 when a device could not be used (no GPU, out of memory).
 class PeerSetupFailed : public InvalidArgument {
  public:
   PeerSetupFailed() : InvalidArgument("another rank rejected its set-up") {}
+};
+// A device that could not be set up (no GPU, out of memory), agreed on by every rank like bad
+// input, so the job ends with exit code 1 and one line instead of an MPI abort.
+class SetupDeviceError : public DeviceError {
+ public:
+  using DeviceError::DeviceError;
+};
+class PeerDeviceFailed : public SetupDeviceError {
+ public:
+  PeerDeviceFailed() : SetupDeviceError("another rank could not set up its device") {}
 };
 
 // Builds the Setup on every rank and agrees on success (collective over MPI_COMM_WORLD), so that
@@ -62,6 +76,8 @@ std::unique_ptr<Setup> agreed_setup(const TrainConfig& cfg, int rank, int world,
 // Test-set loss and accuracy of the model's current parameters, in batches of `batch_size`
 // (x and y are scratch buffers of one batch).
 EvalRecord evaluate(models::Model& model, const Dataset& test, size_t batch_size,
+                    std::vector<float>& x, std::vector<int32_t>& y);
+EvalRecord evaluate(Replica& replica, const Dataset& test, size_t batch_size,
                     std::vector<float>& x, std::vector<int32_t>& y);
 
 }  // namespace resync::runtime

@@ -20,6 +20,9 @@
 #include "collectives/control_plane.h"
 #include "collectives/mpi_session.h"
 #include "collectives/mpi_transport.h"
+#ifdef RESYNC_WITH_CUDA
+#include "collectives/nccl_allreduce.h"
+#endif
 #include "collectives/ring_allreduce.h"
 #include "collectives/state_transfer.h"
 #include "collectives/tcp_control.h"
@@ -33,6 +36,7 @@
 #include "runtime/optimizer.h"
 #include "runtime/preemption.h"
 #include "runtime/train.h"
+#include "runtime/replica.h"
 #include "runtime/train_common.h"
 
 namespace resync::runtime {
@@ -199,6 +203,44 @@ StopReason agreed_stop_reason(const PreemptionSignals& signals, int rank, int wo
           signalled};
 }
 
+// --collective nccl: NCCL all-reduce of the device gradient (CUDA builds; plain sync only,
+// which validate_for_world enforces). Otherwise nothing: the ring exchanges the host buffer.
+class GradientExchangeOnDevice {
+ public:
+  virtual ~GradientExchangeOnDevice() = default;
+  virtual void allreduce_sum() = 0;
+};
+
+#ifdef RESYNC_WITH_CUDA
+class NcclGradientExchange final : public GradientExchangeOnDevice {
+ public:
+  explicit NcclGradientExchange(Replica& replica)
+      : replica_(replica), nccl_(MPI_COMM_WORLD, replica.cuda_device()) {}
+  void allreduce_sum() override {
+    nccl_.allreduce(replica_.device_gradient_buffer(), collectives::NcclReduceOp::kSum);
+  }
+
+ private:
+  Replica& replica_;
+  collectives::NcclAllreduce nccl_;
+};
+#endif
+
+std::unique_ptr<GradientExchangeOnDevice> make_device_exchange(const TrainConfig& cfg,
+                                                               Replica& replica, int rank) {
+  if (cfg.device != "cuda") return nullptr;
+  const GpuExchangeChoice choice =
+      choose_gpu_exchange(cfg.collective, collectives::describe(collectives::mpi_cuda_support()));
+  if (rank == 0) log::get("train")->info("gradient exchange on GPUs: {}", choice.reason);
+  replica.set_gradient_location(choice.location);
+  if (choice.exchange != GpuExchange::kNccl) return nullptr;
+#ifdef RESYNC_WITH_CUDA
+  return std::make_unique<NcclGradientExchange>(replica);
+#else
+  throw DeviceError("--collective nccl: this build has no CUDA support");
+#endif
+}
+
 }  // namespace
 
 SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
@@ -210,15 +252,21 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       agreed_setup(cfg, rank, world, {.index = rank, .count = world},
                    [&] { collectives::CoordinatorConfig(coordinator_config(cfg, world)).validate(); });
   Setup& s = *setup;
-  models::Model& model = *s.model;
-  const ResumePoint resumed = restore_checkpoint(s, model.params(), s.optimizer.state());
+  Replica& replica = *s.replica;
+  // The host view of the state: on the CPU the live parameters and velocity; on a GPU a mirror,
+  // refreshed (download_state) before it is read and sent back (upload_state) after a write.
+  const std::array<std::span<float>, 2> state = replica.host_state();
+  const std::span<float> params = state[0];
+  const std::span<float> velocity = state[1];
+  const ResumePoint resumed = restore_checkpoint(s, params, velocity);
+  if (!resumed.path.empty()) replica.upload_state();
   const uint64_t start_step = resumed.step;
 
   // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
   collectives::MpiTransport transport;
   collectives::Context ctx(transport);
   collectives::RingAllreduce ring(
-      ctx, {.segment_bytes = cfg.segment_kib * 1024, .max_elems = model.n_params()});
+      ctx, {.segment_bytes = cfg.segment_kib * 1024, .max_elems = replica.n_params()});
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
     collectives::TcpServerOptions options;
@@ -237,7 +285,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     log->info("config: {}", describe(cfg));
     log->info("{} ranks, model {}, data {} ({} train / {} test samples), {} steps/epoch, "
               "{} steps, BLAS {}",
-              world, model.describe(), cfg.data, s.data.train.n_samples(),
+              world, replica.describe(), cfg.data, s.data.train.n_samples(),
               s.data.test.n_samples(), s.sampler.steps_per_epoch(), s.total_steps,
               kernels::blas_core());
     log->info("coordinator at {}, W={} b={} straggler-timeout-ms={}", coordinator->address(),
@@ -253,11 +301,13 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const bool straggler_mode = cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0;
   ctx.set_timeout(straggler_mode ? std::chrono::milliseconds(cfg.ring_timeout_ms)
                                  : std::chrono::milliseconds(std::chrono::hours(24 * 365)));
-  std::span<float> params = model.params();
-  std::span<float> grads = model.grads();
+  // The gradient exchange: resync's ring over the host gradient buffer (pinned on a GPU), or,
+  // for plain sync on GPUs with --collective nccl, NCCL over the device gradient.
+  std::unique_ptr<GradientExchangeOnDevice> nccl = make_device_exchange(cfg, replica, rank);
+  std::span<float> grads = replica.gradient_buffer();
   std::vector<float> grad_backup(straggler_mode ? grads.size() : 0);  // for a repaired step
-  const std::array<std::span<const float>, 2> state_out = {params, s.optimizer.state()};
-  const std::array<std::span<float>, 2> state_in = {params, s.optimizer.state()};
+  const std::array<std::span<const float>, 2> state_out = {params, velocity};
+  const std::array<std::span<float>, 2> state_in = {params, velocity};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
   uint64_t catch_ups = 0;
   size_t epochs_evaluated = start_step / s.sampler.steps_per_epoch();
@@ -271,7 +321,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     if (rank != 0 || (epochs_done <= epochs_evaluated && !last)) return;
     if (last && last_eval.step == completed_steps) return;
     epochs_evaluated = epochs_done;
-    last_eval = evaluate(model, s.data.test, cfg.batch_size, s.x, s.y);
+    last_eval = evaluate(replica, s.data.test, cfg.batch_size, s.x, s.y);
     last_eval.epoch = s.sampler.epoch_of(completed_steps - 1);
     last_eval.step = completed_steps;
     last_eval.elapsed_s = ms_since(start) / 1000.0;
@@ -287,11 +337,13 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // the failed catch-up and be served again), never stall the participants.
   // An early catch-up (kServe) sends the state this rank computes `order.step` from.
   auto serve_catchups = [&](const collectives::StepOrder& order, StepRecord& rec) {
-    for (int late : order.late_ranks_served_by(rank)) {
+    const std::vector<int> served = order.late_ranks_served_by(rank);
+    if (!served.empty()) replica.download_state();
+    for (int late : served) {
       collectives::StateHeader header{
           .step = order.final_round || order.early ? order.step : order.step + 1};
       header.user[0] = checksum64(params);
-      header.user[1] = checksum64(s.optimizer.state());
+      header.user[1] = checksum64(velocity);
       try {
         collectives::send_state(ctx, late, collectives::state_sequence(order), header, state_out);
       } catch (const TimeoutError& e) {
@@ -315,11 +367,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
                 e.what());
       return std::nullopt;
     }
-    if (header.user[0] != checksum64(params) || header.user[1] != checksum64(s.optimizer.state())) {
+    if (header.user[0] != checksum64(params) || header.user[1] != checksum64(velocity)) {
       log->warn("catch-up from rank {} after step {} arrived torn; asking again", order.donor,
                 order.step);
       return std::nullopt;
     }
+    replica.upload_state();
     steps_skipped += header.step - from_step;
     ++catch_ups;
     log->debug("caught up from rank {}: step {} -> {}", order.donor, from_step, header.step);
@@ -342,8 +395,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   std::string last_checkpoint_path = resumed.path;
   auto write_checkpoint_at = [&](uint64_t completed_steps) {
     const Clock::time_point t0 = Clock::now();
-    last_checkpoint_path = write_checkpoint(
-        cfg.checkpoint_dir, checkpoint_meta(s, completed_steps), params, s.optimizer.state());
+    replica.download_state();
+    last_checkpoint_path = write_checkpoint(cfg.checkpoint_dir,
+                                            checkpoint_meta(s, completed_steps), params, velocity);
     prune_checkpoints(cfg.checkpoint_dir, cfg.checkpoint_keep);
     last_checkpoint = completed_steps;
     log::get("ckpt")->info("checkpoint {} written ({:.0f} ms)", last_checkpoint_path,
@@ -374,7 +428,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
 
     // Forward and backward on this rank's own mini-batch.
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
-    rec.loss = model.forward_backward(s.x.data(), s.y.data(), cfg.batch_size);
+    rec.loss = replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
     rec.compute_ms = ms_since(t0);
 
     // READY (after any injected delay), then the coordinator's order for this step.
@@ -411,7 +465,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         std::copy(grads.begin(), grads.end(), grad_backup.begin());
       }
       try {
-        ring.allreduce_sum(grads, order.participants, order.step * kAttemptsPerStep + order.attempt);
+        if (nccl) {
+          nccl->allreduce_sum();  // plain sync: every rank takes part
+        } else {
+          ring.allreduce_sum(grads, order.participants,
+                             order.step * kAttemptsPerStep + order.attempt);
+        }
         participated = true;
         break;
       } catch (const TimeoutError& e) {
@@ -428,7 +487,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
 
     // The averaged update, then the fresh state to the late ranks this rank serves.
-    s.optimizer.step(params, grads, 1.0f / float(order.participants.size()));
+    replica.apply_gradients(1.0f / float(order.participants.size()));
     serve_catchups(order, rec);
     rec.comm_ms = ms_since(t_comm);
 
@@ -489,6 +548,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       cfg.batch_size;
   summary.samples_per_s = summary.elapsed_s > 0 ? double(samples) / summary.elapsed_s : 0;
   summary.test_accuracy = last_eval.test_accuracy;
+  replica.download_state();
   const uint64_t checksum = checksum64(params);
   summary.param_checksum = fmt::format("{:016x}", checksum);
   summary.ranks_agree = collectives::all_ranks_equal(checksum);

@@ -252,5 +252,24 @@ def scenario_stranger_refused():
         fail("ranks disagree")
 
 
+def scenario_device_cuda_without_gpu():
+    """`--device cuda` where no GPU can be used: exit 1 and one error line on every rank count."""
+    info = subprocess.run([MPIEXEC, "-np", "1", RESYNC, "info"], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+    if "no CUDA device" not in info.stdout and "CUDA:    not built" not in info.stdout and \
+            "no CUDA support" not in info.stdout:
+        print("SKIPPED: this machine has a CUDA device (the GPU tests cover it)")
+        sys.exit(77)
+    for np in (1, 2):
+        p = run(np, ["train", "--device", "cuda"] + QUICK + ["--steps", "3"])
+        if p.returncode != 1:
+            fail(f"--device cuda without a GPU at np {np} exited {p.returncode}, expected 1\n"
+                 f"{p.stderr[-2000:]}")
+        ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
+        if len(ours) != 1 or "cuda" not in ours[0].lower():
+            fail(f"expected one 'resync: error' line about CUDA at np {np}, got {ours}")
+    expect_bad_input(1, ["train", "--collective", "nccl"] + QUICK, "--device cuda")
+
+
 globals()["scenario_" + SCENARIO]()
 print(f"PASS [{SCENARIO}]")
