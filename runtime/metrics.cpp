@@ -19,9 +19,9 @@ std::string ranks(const std::vector<int>& r) { return fmt::format("[{}]", fmt::j
 
 }  // namespace
 
-MetricsWriter::MetricsWriter(const std::string& path) : path_(path) {
+MetricsWriter::MetricsWriter(const std::string& path, bool append) : path_(path) {
   if (path.empty()) return;
-  file_.reset(std::fopen(path.c_str(), "w"));
+  file_.reset(std::fopen(path.c_str(), append ? "a" : "w"));
   if (!file_) {
     throw InvalidArgument(
         fmt::format("--metrics '{}': cannot create the file ({})", path, std::strerror(errno)));

@@ -77,8 +77,9 @@ struct SummaryRecord {
 
 class MetricsWriter {
  public:
-  // An empty path writes nothing. Throws InvalidArgument if the file cannot be created.
-  explicit MetricsWriter(const std::string& path);
+  // An empty path writes nothing. `append` continues an existing file (a resumed run adds its
+  // records after the interrupted run's). Throws InvalidArgument if the file cannot be opened.
+  explicit MetricsWriter(const std::string& path, bool append = false);
 
   bool enabled() const { return file_ != nullptr; }
   void step(const StepRecord& r);

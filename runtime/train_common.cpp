@@ -22,7 +22,7 @@ Setup::Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard,
                                : nullptr),
       sampler(data.train.n_samples(), shard.count, shard.index, c.batch_size, c.seed),
       total_steps(c.steps > 0 ? c.steps : uint64_t(c.epochs) * sampler.steps_per_epoch()),
-      metrics(rank_ == 0 ? c.metrics : std::string()),
+      metrics(rank_ == 0 ? c.metrics : std::string(), c.resume),
       x(c.batch_size * data.train.n_features()),
       y(c.batch_size) {}
 
