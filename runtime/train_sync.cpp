@@ -23,7 +23,7 @@
 #ifdef RESYNC_WITH_CUDA
 #include "collectives/nccl_allreduce.h"
 #endif
-#include "collectives/ring_allreduce.h"
+#include "collectives/allreducer.h"
 #include "collectives/state_transfer.h"
 #include "collectives/tcp_control.h"
 #include "collectives/world.h"
@@ -265,8 +265,10 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
   collectives::MpiTransport transport;
   collectives::Context ctx(transport);
-  collectives::RingAllreduce ring(
-      ctx, {.segment_bytes = cfg.segment_kib * 1024, .max_elems = replica.n_params()});
+  // Shared memory among the ranks of a node, a latency-optimal path for small buffers, the
+  // pipelined ring otherwise; every path runs over the step's participants only.
+  collectives::Allreducer allreducer(
+      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024}, .max_elems = replica.n_params()});
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
     collectives::TcpServerOptions options;
@@ -290,6 +292,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
               kernels::blas_core());
     log->info("coordinator at {}, W={} b={} straggler-timeout-ms={}", coordinator->address(),
               world, cfg.backup_workers, cfg.straggler_timeout_ms);
+    log->info("gradient all-reduce: {}", allreducer.describe());
   }
   if (const std::string advice = kernels::blas_core_advice(); !advice.empty() && rank == 0) {
     log->warn("{}", advice);
@@ -468,7 +471,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         if (nccl) {
           nccl->allreduce_sum();  // plain sync: every rank takes part
         } else {
-          ring.allreduce_sum(grads, order.participants,
+          allreducer.allreduce_sum(grads, order.participants,
                              order.step * kAttemptsPerStep + order.attempt);
         }
         participated = true;
