@@ -83,6 +83,11 @@ size_t Allreducer::small_max_bytes(AllreducePath path, int p) const {
   return options_.small_max_bytes.value_or(kSmallMaxBytes);
 }
 
+void Allreducer::set_phase_observer(PhaseObserver* observer) {
+  observer_ = observer;
+  ring_.set_phase_observer(observer);
+}
+
 std::span<float> Allreducer::shared_buffer() const {
   return shm_ ? shm_->shared_buffer() : std::span<float>();
 }
@@ -118,6 +123,10 @@ void Allreducer::allreduce_sum(std::span<float> data, std::span<const int> parti
                                "node's shared memory",
                                seq, path_name(path)));
   last_path_ = path;
+  // The ring reports its own phases; the other exchanges are one phase each.
+  const bool whole = path != AllreducePath::kLocal && path != AllreducePath::kRing;
+  ScopedPhase phase(whole ? observer_ : nullptr, {AllreducePhase::kWhole, seq, data.size(),
+                                                  static_cast<int>(participants.size())});
   switch (path) {
     case AllreducePath::kLocal:
       return;

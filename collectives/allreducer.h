@@ -84,6 +84,9 @@ class Allreducer {
   // buffer; participants that disagree get a CommError.
   std::span<float> shared_buffer() const;
   AllreducePath last_path() const { return last_path_; }
+  // Sees the ring's reduce-scatter and all-gather, and every other non-local path as one
+  // kWhole phase. Not owned; must outlive the calls made while set. nullptr turns it off.
+  void set_phase_observer(PhaseObserver* observer);
   // Whether the shared-memory window exists, and the ranks it spans (1 without it).
   bool has_shm() const { return shm_ != nullptr; }
   int node_size() const { return shm_ ? shm_->node_size() : 1; }
@@ -99,6 +102,7 @@ class Allreducer {
   SmallAllreduce small_;
   std::unique_ptr<ShmAllreduce> shm_;
   std::vector<int> world_;
+  PhaseObserver* observer_ = nullptr;
   AllreducePath last_path_ = AllreducePath::kLocal;
 };
 

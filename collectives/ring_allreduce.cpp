@@ -12,6 +12,18 @@
 
 namespace resync::collectives {
 
+const char* phase_name(AllreducePhase phase) {
+  switch (phase) {
+    case AllreducePhase::kReduceScatter:
+      return "reduce_scatter";
+    case AllreducePhase::kAllGather:
+      return "all_gather";
+    case AllreducePhase::kWhole:
+      return "allreduce";
+  }
+  return "?";
+}
+
 // The ring as two streams of segments. With participants in list order and `me` our position,
 // step t < p-1 is reduce-scatter step t, step t >= p-1 is all-gather step t-(p-1):
 //   receive stream, step t: chunk (me-t-1) [reduce-scatter], chunk (me-(t-p+1)) [all-gather]
@@ -156,6 +168,19 @@ void RingAllreduce::run(const Plan& plan, std::span<float> data, uint64_t seq) {
   sent.skip_empty(n_steps, send_segments);
   size_t retired = 0;  // sends completed, in posting order
 
+  // The reduce-scatter ends once every received reduce-scatter segment has been summed in;
+  // all-gather traffic may already be under way (the streams overlap), but nothing is summed
+  // after this point.
+  ScopedPhase phase(observer_, {AllreducePhase::kReduceScatter, seq, plan.n_elems, plan.p});
+  bool gathering = false;
+  const auto note_phase = [&] {
+    if (!gathering && done.t >= reduce_steps) {
+      gathering = true;
+      phase.next(AllreducePhase::kAllGather);
+    }
+  };
+  note_phase();
+
   while (done.index < n_recvs || retired < n_sends) {
     bool progressed = false;
 
@@ -196,6 +221,7 @@ void RingAllreduce::run(const Plan& plan, std::span<float> data, uint64_t seq) {
                                                                seg.size()));
       }
       done.advance(n_steps, recv_segments);
+      note_phase();
       progressed = true;
     }
 

@@ -1,5 +1,6 @@
 // RingAllreduce: bandwidth-optimal in-place float sum over a ring of participant ranks
-// (reduce-scatter then all-gather), segmented and pipelined over any Transport.
+// (reduce-scatter then all-gather), segmented and pipelined over any Transport; and the
+// PhaseObserver that all-reduce paths report their phases to (e.g. for a timeline).
 #pragma once
 
 #include <cstddef>
@@ -11,6 +12,64 @@
 #include "collectives/transport.h"
 
 namespace resync::collectives {
+
+// Phases of one all-reduce call, as an observer (e.g. a timeline) sees them.
+enum class AllreducePhase : uint8_t {
+  kReduceScatter,  // until every chunk this rank owns is fully summed
+  kAllGather,      // until the summed chunks have reached every participant
+  kWhole,          // a path without separate phases (direct exchange, shared memory)
+};
+
+// "reduce_scatter", "all_gather", "allreduce".
+const char* phase_name(AllreducePhase phase);
+
+struct PhaseEvent {
+  AllreducePhase phase;
+  uint64_t seq;
+  size_t n_elems;
+  int n_participants;
+};
+
+// Told, on the calling thread, when a phase of an all-reduce begins and ends. Every begin is
+// matched by an end, also when the call throws (the end then comes before the exception
+// leaves). The callbacks run inside the collective: they must be cheap and must not throw.
+class PhaseObserver {
+ public:
+  virtual ~PhaseObserver() = default;
+  virtual void phase_begin(const PhaseEvent& event) noexcept = 0;
+  virtual void phase_end(const PhaseEvent& event) noexcept = 0;
+};
+
+// Brackets the phases of one call for `observer` (nullptr: does nothing at all); the open phase
+// ends when the scope does, so an exception leaving the call still closes it.
+class ScopedPhase {
+ public:
+  ScopedPhase(PhaseObserver* observer, const PhaseEvent& event) noexcept
+      : observer_(observer), event_(event) {
+    if (observer_) observer_->phase_begin(event_);
+  }
+  ~ScopedPhase() { end(); }
+  ScopedPhase(const ScopedPhase&) = delete;
+  ScopedPhase& operator=(const ScopedPhase&) = delete;
+
+  // Ends the current phase and begins `phase`.
+  void next(AllreducePhase phase) noexcept {
+    if (!observer_) return;
+    end();
+    event_.phase = phase;
+    observer_->phase_begin(event_);
+    open_ = true;
+  }
+  void end() noexcept {
+    if (observer_ && open_) observer_->phase_end(event_);
+    open_ = false;
+  }
+
+ private:
+  PhaseObserver* observer_;
+  PhaseEvent event_;
+  bool open_ = true;
+};
 
 struct RingOptions {
   // Messages carry at most this many bytes; a chunk is cut into segments so that receiving one
@@ -49,6 +108,9 @@ class RingAllreduce {
   // call ctx.next_sequence(), so that the counters stay equal.
   void allreduce_sum(std::span<float> data, std::span<const int> participants);
 
+  // Not owned; must outlive the calls made while set. nullptr (the default) turns it off.
+  void set_phase_observer(PhaseObserver* observer) { observer_ = observer; }
+
   const RingOptions& options() const { return options_; }
   // Floats of scratch currently held (for tests of the no-allocation promise).
   size_t scratch_elems() const { return scratch_.size(); }
@@ -61,6 +123,7 @@ class RingAllreduce {
 
   Context& ctx_;
   RingOptions options_;
+  PhaseObserver* observer_ = nullptr;
   size_t seg_elems_;
   size_t slot_elems_ = 0;
   std::vector<float> scratch_;           // recv_depth slots of slot_elems_

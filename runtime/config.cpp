@@ -171,9 +171,11 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--timeline", cfg.timeline,
                  "Write a Chrome-trace timeline per rank to FILE.rank<N>.json");
   app.add_option("--progress", cfg.progress,
-                 "Rank 0's progress: auto (live line on a terminal, else plain lines), line, off")
+                 "Rank 0's progress: auto (live line on a terminal, else plain lines), live "
+                 "(always the live line; under mpirun, whose output is never a terminal), line, "
+                 "off")
       ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "line", "off"}));
+      ->check(CLI::IsMember({"auto", "live", "line", "off"}));
   app.add_option("--progress-every-s", cfg.progress_every_s,
                  "Seconds between plain progress lines (batch logs)")
       ->capture_default_str()

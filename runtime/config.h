@@ -56,7 +56,7 @@ struct TrainConfig {
   std::string log_level = "info";
   bool eval_every_epoch = true;
   std::string timeline;     // Chrome-trace JSON per rank (FILE.rank<N>.json); empty = none
-  std::string progress = "auto";  // auto (a live line on a terminal) | line | off
+  std::string progress = "auto";  // auto (a live line on a terminal) | live | line | off
   double progress_every_s = 30;   // interval of the plain progress line (not a terminal)
 };
 

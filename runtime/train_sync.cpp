@@ -35,6 +35,8 @@
 #include "runtime/inject_delay.h"
 #include "runtime/optimizer.h"
 #include "runtime/preemption.h"
+#include "runtime/progress.h"
+#include "runtime/timeline.h"
 #include "runtime/train.h"
 #include "runtime/replica.h"
 #include "runtime/train_common.h"
@@ -248,9 +250,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const int rank = mpi.rank();
   const int world = mpi.size();
   const PreemptionSignals signals;  // SIGTERM/SIGUSR1 from now on: stop at a step boundary
+  std::unique_ptr<Timeline> timeline;  // --timeline: disabled without it
   std::unique_ptr<Setup> setup =
-      agreed_setup(cfg, rank, world, {.index = rank, .count = world},
-                   [&] { collectives::CoordinatorConfig(coordinator_config(cfg, world)).validate(); });
+      agreed_setup(cfg, rank, world, {.index = rank, .count = world}, [&] {
+        collectives::CoordinatorConfig(coordinator_config(cfg, world)).validate();
+        timeline = make_timeline(cfg.timeline, rank);  // a bad path fails set-up on every rank
+      });
   Setup& s = *setup;
   Replica& replica = *s.replica;
   // The host view of the state: on the CPU the live parameters and velocity; on a GPU a mirror,
@@ -269,6 +274,10 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // pipelined ring otherwise; every path runs over the step's participants only.
   collectives::Allreducer allreducer(
       ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024}, .max_elems = replica.n_params()});
+  PhaseRecorder allreduce_phases(*timeline, kAttemptsPerStep);
+  if (timeline->enabled()) allreducer.set_phase_observer(&allreduce_phases);
+  ProgressReporter progress = make_progress_reporter(cfg, rank);
+  uint64_t dropped_so_far = 0;  // gradients left out of the steps rank 0 took part in
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
     collectives::TcpServerOptions options;
@@ -324,11 +333,15 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     if (rank != 0 || (epochs_done <= epochs_evaluated && !last)) return;
     if (last && last_eval.step == completed_steps) return;
     epochs_evaluated = epochs_done;
-    last_eval = evaluate(replica, s.data.test, cfg.batch_size, s.x, s.y);
+    {
+      auto span = timeline->span("eval", static_cast<int64_t>(completed_steps));
+      last_eval = evaluate(replica, s.data.test, cfg.batch_size, s.x, s.y);
+    }
     last_eval.epoch = s.sampler.epoch_of(completed_steps - 1);
     last_eval.step = completed_steps;
     last_eval.elapsed_s = ms_since(start) / 1000.0;
     s.metrics.eval(last_eval);
+    progress.clear_line();  // the log line must not run on from the live progress line
     log->info("epoch {} step {}: test accuracy {:.4f}, test loss {:.4f}, train loss {:.4f}, "
               "{:.1f} s",
               last_eval.epoch, last_eval.step, last_eval.test_accuracy, last_eval.test_loss,
@@ -343,6 +356,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     const std::vector<int> served = order.late_ranks_served_by(rank);
     if (!served.empty()) replica.download_state();
     for (int late : served) {
+      auto span = timeline->span("serve_catch_up", static_cast<int64_t>(order.step), Lane::kTrain,
+                                 {"late_rank", late});
       collectives::StateHeader header{
           .step = order.final_round || order.early ? order.step : order.step + 1};
       header.user[0] = checksum64(params);
@@ -361,6 +376,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // if the transfer timed out or arrived torn (the donor gave up on it): ask for a new order.
   auto catch_up = [&](const collectives::StepOrder& order,
                       uint64_t from_step) -> std::optional<uint64_t> {
+    auto span = timeline->span("catch_up", static_cast<int64_t>(order.step), Lane::kTrain,
+                               {"donor", order.donor});
     collectives::StateHeader header;
     try {
       collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
@@ -397,12 +414,14 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   uint64_t last_checkpoint = start_step;
   std::string last_checkpoint_path = resumed.path;
   auto write_checkpoint_at = [&](uint64_t completed_steps) {
+    auto span = timeline->span("checkpoint", static_cast<int64_t>(completed_steps));
     const Clock::time_point t0 = Clock::now();
     replica.download_state();
     last_checkpoint_path = write_checkpoint(cfg.checkpoint_dir,
                                             checkpoint_meta(s, completed_steps), params, velocity);
     prune_checkpoints(cfg.checkpoint_dir, cfg.checkpoint_keep);
     last_checkpoint = completed_steps;
+    progress.clear_line();
     log::get("ckpt")->info("checkpoint {} written ({:.0f} ms)", last_checkpoint_path,
                            ms_since(t0));
   };
@@ -433,6 +452,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
     rec.loss = replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
     rec.compute_ms = ms_since(t0);
+    timeline->end("compute", t0, static_cast<int64_t>(step));
 
     // READY (after any injected delay), then the coordinator's order for this step.
     rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
@@ -441,6 +461,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     if (rec.delay_ms > 0) early = injected_delay(step, rec.delay_ms);
     collectives::StepOrder order = early ? *early : control->ready(step);
     rec.wait_ms = std::max(0.0, ms_since(t_wait) - rec.delay_ms);
+    timeline->end("wait_plan", t_wait, static_cast<int64_t>(step), Lane::kTrain,
+                  {"delay_us", static_cast<int64_t>(rec.delay_ms * 1000)});
 
     // Carry out orders until this step is done; a timed-out ring or catch-up asks for another.
     const Clock::time_point t_comm = Clock::now();
@@ -468,6 +490,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         std::copy(grads.begin(), grads.end(), grad_backup.begin());
       }
       try {
+        auto span = timeline->span("allreduce", static_cast<int64_t>(order.step), Lane::kTrain,
+                                   {"attempt", static_cast<int64_t>(order.attempt)});
         if (nccl) {
           nccl->allreduce_sum();  // plain sync: every rank takes part
         } else {
@@ -503,6 +527,18 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
     stop = order.stop;
     step += 1;
+    dropped_so_far += rec.dropped.size();
+    if (progress.mode() != ProgressMode::kOff) {
+      const double elapsed_s = ms_since(start) / 1000.0;
+      const uint64_t samples =
+          (uint64_t(world) * (step - start_step) - dropped_so_far) * cfg.batch_size;
+      progress.update({.step = step,
+                       .total_steps = s.total_steps,
+                       .epoch = rec.epoch,
+                       .loss = rec.loss,
+                       .samples_per_s = elapsed_s > 0 ? double(samples) / elapsed_s : 0,
+                       .dropped = dropped_so_far});
+    }
     maybe_evaluate(step, rec.loss);
     maybe_checkpoint(step);
   }
@@ -523,6 +559,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       serve_catchups(final_order, ignored);
     }
   }
+  progress.finish();  // before the final evaluation's and summary's log lines
   maybe_evaluate(step, 0);
 
   // A stopped run (preemption) and every run with --checkpoint-dir end with a checkpoint.
@@ -567,6 +604,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
               summary.param_checksum, summary.ranks_agree, summary.dropped_gradients,
               summary.catch_ups);
   }
+  timeline->finish();
   return summary;
 }
 
