@@ -3,10 +3,12 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <string>
+#include <thread>
 
 #include <unistd.h>
 
@@ -82,7 +84,13 @@ int run_cli(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    if (launcher_rank() == 0) print_error(-1, e.what());
+    if (launcher_rank() == 0) {
+      print_error(-1, e.what());
+    } else {
+      // The launcher ends the job when the first rank exits: give rank 0 the time to print
+      // the error, or the user may see nothing but the launcher's banner.
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    }
     return kExitBadInput;
   }
 
