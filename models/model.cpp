@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <mutex>
 #include <utility>
 
@@ -82,6 +83,7 @@ Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed
   }
   params_.assign(total, 0.0f);
   grads_.assign(total, 0.0f);
+  grads_view_ = grads_;
 
   SplitMix64 rng(seed);
   size_t offset = 0;
@@ -94,6 +96,23 @@ Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed
     dacts_.emplace_back(max_batch_ * layer->out_size());
     offset += n;
   }
+}
+
+void Model::place_gradients(std::span<float> storage) {
+  RESYNC_CHECK_ARG(storage.size() >= params_.size(),
+                   fmt::format("model: gradient storage of {} floats for {} parameters",
+                               storage.size(), params_.size()));
+  storage = storage.first(params_.size());
+  std::copy(grads_view_.begin(), grads_view_.end(), storage.begin());
+  size_t offset = 0;
+  for (auto& layer : layers_) {
+    const size_t n = layer->n_params();
+    layer->bind(std::span(params_).subspan(offset, n), storage.subspan(offset, n));
+    offset += n;
+  }
+  grads_view_ = storage;
+  grads_.clear();
+  grads_.shrink_to_fit();
 }
 
 void Model::check_batch(const float* x, const int32_t* labels, size_t batch) const {

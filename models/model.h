@@ -47,8 +47,13 @@ class Model {
   size_t n_params() const { return params_.size(); }
   std::span<float> params() { return params_; }
   std::span<const float> params() const { return params_; }
-  std::span<float> grads() { return grads_; }
-  std::span<const float> grads() const { return grads_; }
+  std::span<float> grads() { return grads_view_; }
+  std::span<const float> grads() const { return grads_view_; }
+
+  // Moves the gradient buffer into `storage` (at least n_params() floats, kept alive by the
+  // caller), e.g. the all-reducer's shared-memory window, where peers sum it without staging
+  // copies. The current gradient values move along.
+  void place_gradients(std::span<float> storage);
 
   size_t input_size() const { return layers_.front()->in_size(); }  // floats per sample
   size_t n_classes() const { return loss_.n_classes(); }
@@ -74,7 +79,8 @@ class Model {
   SoftmaxCrossEntropy loss_;
   size_t max_batch_;
   std::vector<float> params_;
-  std::vector<float> grads_;
+  std::vector<float> grads_;       // the gradient buffer unless placed elsewhere
+  std::span<float> grads_view_;    // where the layers' gradient views point
   std::vector<std::vector<float>> acts_;   // acts_[i]: output of layer i; the last are logits
   std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
 };

@@ -35,6 +35,10 @@ class Replica {
   // all-reduce may sum it in place.
   virtual float compute_gradients(const float* x, const int32_t* y, size_t n) = 0;
   virtual std::span<float> gradient_buffer() = 0;
+  // Moves the host gradient buffer into `storage` (>= n_params() floats, e.g. the all-reducer's
+  // shared-memory window, so the node's ranks sum it without staging copies). Returns false if
+  // this replica keeps its own (the CUDA replica's is pinned host memory).
+  virtual bool place_gradients(std::span<float> storage) = 0;
 
   // Applies the gradient now in the gradient buffer, scaled by grad_scale (1/|participants| for
   // a summed gradient), with SGD-momentum on the device where the parameters live.

@@ -31,6 +31,10 @@ class CpuReplica final : public Replica {
     return model_->forward_backward(x, y, n);
   }
   std::span<float> gradient_buffer() override { return model_->grads(); }
+  bool place_gradients(std::span<float> storage) override {
+    model_->place_gradients(storage);
+    return true;
+  }
   void apply_gradients(float grad_scale) override {
     optimizer_.step(model_->params(), model_->grads(), grad_scale);
   }

@@ -318,6 +318,7 @@ class CudaReplica final : public Replica {
   }
 
   std::span<float> gradient_buffer() override { return grads_host_->span(); }
+  bool place_gradients(std::span<float> /*storage*/) override { return false; }
 
   void apply_gradients(float grad_scale) override {
     ctx_.make_current();

@@ -273,7 +273,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // Shared memory among the ranks of a node, a latency-optimal path for small buffers, the
   // pipelined ring otherwise; every path runs over the step's participants only.
   collectives::Allreducer allreducer(
-      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024}, .max_elems = replica.n_params()});
+      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024},
+            .shm = {.direct_elems = replica.n_params()},
+            .max_elems = replica.n_params()});
   PhaseRecorder allreduce_phases(*timeline, kAttemptsPerStep);
   if (timeline->enabled()) allreducer.set_phase_observer(&allreduce_phases);
   ProgressReporter progress = make_progress_reporter(cfg, rank);
@@ -301,7 +303,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
               kernels::blas_core());
     log->info("coordinator at {}, W={} b={} straggler-timeout-ms={}", coordinator->address(),
               world, cfg.backup_workers, cfg.straggler_timeout_ms);
-    log->info("gradient all-reduce: {}", allreducer.describe());
+    log->info("gradient {}", allreducer.describe());
   }
   if (const std::string advice = kernels::blas_core_advice(); !advice.empty() && rank == 0) {
     log->warn("{}", advice);
@@ -316,6 +318,10 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // The gradient exchange: resync's ring over the host gradient buffer (pinned on a GPU), or,
   // for plain sync on GPUs with --collective nccl, NCCL over the device gradient.
   std::unique_ptr<GradientExchangeOnDevice> nccl = make_device_exchange(cfg, replica, rank);
+  // On a node, the gradient lives in the all-reducer's shared window: peers read it in place.
+  if (!nccl && allreducer.shared_buffer().size() >= replica.n_params()) {
+    replica.place_gradients(allreducer.shared_buffer());
+  }
   std::span<float> grads = replica.gradient_buffer();
   std::vector<float> grad_backup(straggler_mode ? grads.size() : 0);  // for a repaired step
   const std::array<std::span<const float>, 2> state_out = {params, velocity};
@@ -511,6 +517,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       maybe_evaluate(step, rec.loss);
       maybe_checkpoint(step);
       continue;
+    }
+
+    if (rank == 0 && step == start_step && !nccl) {
+      log->info("step {}: all-reduce of {} floats over {} ranks took the {} path", step,
+                grads.size(), order.participants.size(),
+                collectives::path_name(allreducer.last_path()));
     }
 
     // The averaged update, then the fresh state to the late ranks this rank serves.

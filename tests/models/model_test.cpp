@@ -131,6 +131,36 @@ TEST(Mlp, GradsAreOverwrittenNotAccumulatedAndEvaluateAgrees) {
   EXPECT_EQ(model->evaluate(x.data(), labels.data(), 0).count, 0u);
 }
 
+TEST(Mlp, PlacedGradientsLandInTheGivenStorageWithTheSameValues) {
+  const size_t batch = 8;
+  for (const std::string name : {"mlp", "cnn"}) {
+    ModelSpec spec = tiny_spec();
+    spec.name = name;
+    if (name == "cnn") spec.in_height = spec.in_width = 12;
+    const auto plain = make_model(spec, batch, 5);
+    const auto placed = make_model(spec, batch, 5);
+    const auto x = random_floats(batch * plain->input_size(), 3);
+    const auto labels = cyclic_labels(batch, plain->n_classes());
+    placed->forward_backward(x.data(), labels.data(), batch);  // values move along
+    const std::vector<float> before(placed->grads().begin(), placed->grads().end());
+    std::vector<float> storage(placed->n_params() + 3, -7.0f);
+    placed->place_gradients(storage);
+    ASSERT_EQ(placed->grads().data(), storage.data()) << name;
+    ASSERT_EQ(placed->grads().size(), placed->n_params()) << name;
+    for (size_t i = 0; i < before.size(); ++i) ASSERT_EQ(storage[i], before[i]) << name << " " << i;
+    EXPECT_EQ(storage.back(), -7.0f) << name << ": wrote past the parameters";
+
+    const float loss_plain = plain->forward_backward(x.data(), labels.data(), batch);
+    const float loss_placed = placed->forward_backward(x.data(), labels.data(), batch);
+    EXPECT_EQ(loss_plain, loss_placed) << name;
+    for (size_t i = 0; i < plain->n_params(); ++i) {
+      ASSERT_EQ(storage[i], plain->grads()[i]) << name << ": gradient " << i;
+    }
+    std::vector<float> too_small(placed->n_params() - 1);
+    EXPECT_THROW(placed->place_gradients(too_small), InvalidArgument) << name;
+  }
+}
+
 TEST(Mlp, RejectsBatchesBeyondWorkspaceAndBadLabels) {
   const auto model = make_model(tiny_spec(), 2, 1);
   const auto x = random_floats(3 * model->input_size(), 1);
