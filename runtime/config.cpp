@@ -119,6 +119,10 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(inject_delay_validator());
 
+  app.add_option("--early-catch-up", cfg.early_catch_up,
+                 "Late ranks get the state from a rank waiting for the open step at once, "
+                 "instead of at that step's close (true/false; false is for comparisons)")
+      ->capture_default_str();
   app.add_option("--mode", cfg.mode,
                  "sync: ring all-reduce; async: parameter servers (ranks 0..ps-1)")
       ->capture_default_str()
@@ -229,13 +233,15 @@ std::string describe(const TrainConfig& c) {
   return fmt::format(
       "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
-      "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} segment-kib={} "
+      "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} early-catch-up={} "
+      "segment-kib={} "
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
       c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
-      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.segment_kib,
+      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.early_catch_up,
+      c.segment_kib,
       c.ring_timeout_ms, c.mode, c.ps, c.max_staleness, c.device, c.collective,
       c.checkpoint_dir.empty() ? "-" : c.checkpoint_dir, c.checkpoint_every, c.checkpoint_keep,
       c.resume, c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level,

@@ -36,6 +36,7 @@ struct TrainConfig {
   double stall_warning_s = 60;
   double stall_abort_s = 0;  // 0 = never abort
   std::string inject_delay = "none";
+  bool early_catch_up = true;  // serve late ranks while the next step is open (DESIGN.md)
   // Mode: synchronous ring, or asynchronous parameter servers (DESIGN.md, "Asynchronous mode").
   std::string mode = "sync";  // sync | async
   int ps = 1;                 // async: ranks 0..ps-1 are parameter servers

@@ -62,6 +62,7 @@ collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int wo
   c.stall_warning_s = cfg.stall_warning_s;
   c.stall_abort_s = cfg.stall_abort_s;
   c.repair_window_ms = cfg.ring_timeout_ms;
+  c.early_catch_up = cfg.early_catch_up;
   return c;
 }
 

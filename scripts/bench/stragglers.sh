@@ -20,7 +20,7 @@ resync=${RESYNC:-build/default/runtime/resync}
 [ -x "$resync" ] || scripts/build.sh default
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 out=$(mktemp -d)
-common=(train --data synthetic --synthetic-train 40000 --hidden 512,512 --batch-size 64
+common=(train --data synthetic --synthetic-train 40000 --hidden 512,512 --batch-size 64 --progress off
         --steps "$steps" --log-level warn)
 
 run() {  # name, extra flags...
@@ -32,6 +32,7 @@ run() {  # name, extra flags...
 run baseline
 run plain --inject-delay "$delay"
 run backup1 --inject-delay "$delay" --backup-workers 1
+run backup1_late --inject-delay "$delay" --backup-workers 1 --early-catch-up false
 run timeout --inject-delay "$delay" --straggler-timeout-ms "$timeout_ms"
 
 python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" <<'PY'
@@ -48,6 +49,7 @@ print(f"{ranks} ranks, {steps} steps, mlp 784-512-512-10, batch 64/rank, --injec
 print(f"{'mode':<28}{'mean ms':>10}{'p99 ms':>10}{'x baseline':>12}{'dropped':>10}{'catch-ups':>11}")
 for name, label in [("baseline", "no delay (plain sync)"), ("plain", "plain sync"),
                     ("backup1", "sync, --backup-workers 1"),
+                    ("backup1_late", "  same, no early catch-up"),
                     ("timeout", f"sync, timeout {timeout_ms} ms")]:
     st, summ = load(name)
     # Wall-clock time per step on rank 0, also across steps it missed while catching up.
