@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <iterator>
 #include <deque>
 #include <mutex>
 #include <random>
@@ -25,6 +26,18 @@ std::vector<int> StepOrder::late_ranks_served_by(int rank) const {
   return late;
 }
 
+std::vector<int> StepOrder::allreduce_members() const {
+  std::vector<int> members;
+  members.reserve(participants.size() + passive.size());
+  std::merge(participants.begin(), participants.end(), passive.begin(), passive.end(),
+             std::back_inserter(members));
+  return members;
+}
+
+bool StepOrder::is_passive(int rank) const {
+  return std::binary_search(passive.begin(), passive.end(), rank);
+}
+
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
   StepOrder common;
   common.step = round.step;
@@ -33,12 +46,16 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
   common.stop = round.stop;
   common.timed_out = round.timed_out;
   // The final round has no all-reduce; an empty list makes that impossible to get wrong.
-  if (!round.final_round) common.participants = round.participants;
+  if (!round.final_round) {
+    common.participants = round.participants;
+    common.passive = round.passive;
+  }
   common.catchups = round.catchups;
 
   std::vector<std::pair<int, StepOrder>> orders;
   orders.reserve(round.participants.size() + round.catchups.size());
   for (int rank : round.participants) orders.emplace_back(rank, common);
+  for (int rank : round.passive) orders.emplace_back(rank, common);
   for (const CatchUp& c : round.catchups) {
     if (std::binary_search(round.ordered_before.begin(), round.ordered_before.end(), c.late_rank)) {
       continue;  // still holds its order from the earlier attempt, same step and donor
@@ -77,10 +94,10 @@ void log_closed_round(const ClosedRound& round) {
               "participants {}, catch-ups {}",
               round.step, round.attempt, round.participants, round.catchups.size());
   } else {
-    log->debug("control: {} {} closed{}: participants {}, catch-ups {}",
+    log->debug("control: {} {} closed{}: participants {}, passive {}, catch-ups {}",
                round.final_round ? "final round after" : "step", round.step,
                round.timed_out ? " by the straggler timeout" : "", round.participants,
-               round.catchups.size());
+               round.passive, round.catchups.size());
   }
 }
 
@@ -228,6 +245,8 @@ void write_order(Writer& w, const StepOrder& o) {
   w.u32(static_cast<uint32_t>(o.donor));
   w.u32(static_cast<uint32_t>(o.participants.size()));
   for (int p : o.participants) w.u32(static_cast<uint32_t>(p));
+  w.u32(static_cast<uint32_t>(o.passive.size()));
+  for (int p : o.passive) w.u32(static_cast<uint32_t>(p));
   w.u32(static_cast<uint32_t>(o.catchups.size()));
   for (const CatchUp& c : o.catchups) {
     w.u32(static_cast<uint32_t>(c.late_rank));
@@ -255,6 +274,9 @@ StepOrder read_order(Reader& r) {
   const size_t n_participants = r.count(4);
   o.participants.reserve(n_participants);
   for (size_t i = 0; i < n_participants; ++i) o.participants.push_back(r.rank());
+  const size_t n_passive = r.count(4);
+  o.passive.reserve(n_passive);
+  for (size_t i = 0; i < n_passive; ++i) o.passive.push_back(r.rank());
   const size_t n_catchups = r.count(8);
   o.catchups.reserve(n_catchups);
   for (size_t i = 0; i < n_catchups; ++i) {

@@ -55,10 +55,16 @@ struct StepOrder {
   bool stop = false;
   bool timed_out = false;         // the step closed by the straggler timeout (for metrics/logs)
   std::vector<int> participants;  // sorted P_t; identical on every rank of the round
+  // Sorted; busy ranks in the all-reduce with a zero gradient (ClosedRound::passive). The ring
+  // runs over participants + passive; the average divides by |participants|.
+  std::vector<int> passive;
   std::vector<CatchUp> catchups;  // every (late, donor) pair of the round, sorted by late rank
   int donor = -1;                 // kCatchUp only
   bool early = false;             // kCatchUp/kServe of an early catch-up: state of step `step`
 
+  // Every rank of this round's all-reduce (participants and passive members), ascending.
+  std::vector<int> allreduce_members() const;
+  bool is_passive(int rank) const;
   // Late ranks that `rank` sends its state to after this round, ascending.
   std::vector<int> late_ranks_served_by(int rank) const;
   bool operator==(const StepOrder&) const = default;

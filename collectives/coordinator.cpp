@@ -115,10 +115,17 @@ bool Coordinator::stale_report(int rank, uint64_t step) const {
          (state_[r] == RankState::kWorking && next_step_[r] > step);
 }
 
-bool Coordinator::in_last_round(int rank) const {
+bool Coordinator::in_last_allreduce(int rank) const {
   if (!last_round_) return false;
   const auto& p = last_round_->participants;
-  if (std::binary_search(p.begin(), p.end(), rank)) return true;
+  const auto& q = last_round_->passive;
+  return std::binary_search(p.begin(), p.end(), rank) ||
+         std::binary_search(q.begin(), q.end(), rank);
+}
+
+bool Coordinator::in_last_round(int rank) const {
+  if (!last_round_) return false;
+  if (in_last_allreduce(rank)) return true;
   return std::any_of(last_round_->catchups.begin(), last_round_->catchups.end(),
                      [rank](const CatchUp& c) { return c.late_rank == rank; });
 }
@@ -227,8 +234,7 @@ Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
     return out;
   }
   const bool participant =
-      last_round_ && step == last_round_->step && !superseded_[r] &&
-      std::binary_search(last_round_->participants.begin(), last_round_->participants.end(), rank);
+      last_round_ && step == last_round_->step && !superseded_[r] && in_last_allreduce(rank);
   if (!participant || last_round_completed_) {
     // A failed catch-up receive, a participant of an abandoned attempt, or a participant whose
     // peers completed: its state is behind, so it is caught up like a late rank.
@@ -239,9 +245,11 @@ Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
   }
   state_[r] = RankState::kFailed;
   if (!repair_deadline_) repair_deadline_ = now_ + repair_window_;
+  auto has_failed = [this](int p) { return state_[static_cast<size_t>(p)] == RankState::kFailed; };
   const bool all_failed =
       std::all_of(last_round_->participants.begin(), last_round_->participants.end(),
-                  [this](int p) { return state_[static_cast<size_t>(p)] == RankState::kFailed; });
+                  has_failed) &&
+      std::all_of(last_round_->passive.begin(), last_round_->passive.end(), has_failed);
   if (all_failed) repair(out);  // nobody can complete any more: no need to wait
   return out;
 }
@@ -401,10 +409,15 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
   std::sort(round.participants.begin(), round.participants.end());
   RESYNC_CHECK(!round.participants.empty(), "a round closed without participants");
 
-  // Busy ranks are awake and listening: they take this step's state instead of computing it.
+  // Busy ranks are awake and listening: they take this step's state instead of computing it,
+  // as passive members of the all-reduce or by a catch-up.
   const std::vector<int> busy = ranks_in(RankState::kBusy);
   std::vector<int> late = late_;
-  late.insert(late.end(), busy.begin(), busy.end());
+  if (config_.busy_ranks_join && !final_round_) {
+    round.passive = busy;  // ascending, from ranks_in
+  } else {
+    late.insert(late.end(), busy.begin(), busy.end());
+  }
   std::sort(late.begin(), late.end());
   for (int late_rank : late) {
     const int donor = round.participants[donor_cursor_++ % round.participants.size()];
@@ -417,6 +430,10 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
     finished_ = true;
   } else {
     for (int rank : ready_) {
+      state_[static_cast<size_t>(rank)] = RankState::kWorking;
+      next_step_[static_cast<size_t>(rank)] = open_step_ + 1;
+    }
+    for (int rank : round.passive) {
       state_[static_cast<size_t>(rank)] = RankState::kWorking;
       next_step_[static_cast<size_t>(rank)] = open_step_ + 1;
     }
@@ -482,7 +499,12 @@ void Coordinator::repair(Decisions& out) {
   round.step = t;
   round.attempt = attempt;
   round.stop = stop_;
-  round.participants = failed;
+  // The retry keeps every rank's role: a passive member still adds a zero gradient.
+  for (int rank : failed) {
+    const auto& q = last_round_->passive;
+    (std::binary_search(q.begin(), q.end(), rank) ? round.passive : round.participants)
+        .push_back(rank);
+  }
   // A late rank whose donor retries still waits for that donor's state of step t: keep the
   // pair and send no second order. One whose donor is left out gives up (FAILED) or, if it got
   // a state of the abandoned attempt, reports it (READY): both make it late.
@@ -495,8 +517,12 @@ void Coordinator::repair(Decisions& out) {
       superseded_[static_cast<size_t>(c.late_rank)] = true;
     }
   }
-  for (int p : last_round_->participants) {
-    if (!is_new_participant(p) && waits_for_round_t(p)) superseded_[static_cast<size_t>(p)] = true;
+  for (const auto* members : {&last_round_->participants, &last_round_->passive}) {
+    for (int p : *members) {
+      if (!is_new_participant(p) && waits_for_round_t(p)) {
+        superseded_[static_cast<size_t>(p)] = true;
+      }
+    }
   }
   std::vector<int> late = late_;
   std::sort(late.begin(), late.end());

@@ -27,6 +27,8 @@ struct CoordinatorConfig {
   int64_t repair_window_ms = 2000;   // after a FAILED, how long completions may still prove the
                                      // round done before it is re-closed (--ring-timeout-ms)
   bool early_catch_up = true;        // catch late ranks up during the open step (EarlyCatchUp)
+  bool busy_ranks_join = true;       // busy ranks join the all-reduce with a zero gradient
+                                     // (ClosedRound::passive) instead of being caught up
 
   // Throws resync::InvalidArgument naming the offending flag (--backup-workers,
   // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s, --ring-timeout-ms).
@@ -66,6 +68,9 @@ struct ClosedRound {
   bool stop = false;              // a rank asked to stop: every rank ends after this round
   bool timed_out = false;         // closed by the straggler timeout, not by the W - b count
   std::vector<int> participants;  // sorted; their gradients (if any) make the step
+  // Sorted; ranks that sent BUSY: they take part in the all-reduce with a zero gradient, so
+  // they end the step with everyone's state and need no catch-up. Not counted in the average.
+  std::vector<int> passive;
   std::vector<CatchUp> catchups;  // sorted by late rank; donors are participants
   // Late ranks of `catchups` that already hold their CATCHUP order (same step and donor) from
   // an earlier attempt and are still waiting for the state: they get no second order. Sorted.
@@ -95,8 +100,9 @@ struct Decisions {
 // Closing rule for the open step t: close when min(W - b, W - |late queue|) ranks sent READY(t)
 // (ranks queued as late cannot send READY(t) before a close catches them up, so waiting for
 // them would deadlock), or when straggler_timeout_ms passed since the first READY(t) and at
-// least min_quorum ranks are ready. Ranks that sent BUSY(t) do not count as ready but are caught
-// up by the close of t itself. The final round closes when every rank has sent FINISH(T) or is
+// least min_quorum ranks are ready. Ranks that sent BUSY(t) do not count as ready; the close of
+// t takes them along as passive members of its all-reduce (busy_ranks_join), or catches them
+// up. The final round closes when every rank has sent FINISH(T) or is
 // queued as late. After a close or an abort, events about a finished job are ignored.
 //
 // Early catch-up: while the open step t collects READYs (and no repair is pending), a late rank
@@ -156,6 +162,8 @@ class Coordinator {
   // A member of the last round reported the next step: it holds the round's result.
   void note_progress(int rank, uint64_t step);
   bool in_last_round(int rank) const;
+  // Participant or passive member of the last round's all-reduce.
+  bool in_last_allreduce(int rank) const;
   void abort_job(std::string reason, Decisions& out);
   // Checks the rank is in range (else InvalidArgument); false once the job is over.
   bool accepting(int rank, const char* event) const;

@@ -328,6 +328,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const std::array<std::span<const float>, 2> state_out = {params, velocity};
   const std::array<std::span<float>, 2> state_in = {params, velocity};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
+  uint64_t passive_steps = 0;  // steps this rank took part in with a zero gradient (busy)
   uint64_t catch_ups = 0;
   size_t epochs_evaluated = start_step / s.sampler.steps_per_epoch();
   EvalRecord last_eval;
@@ -490,7 +491,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         order = control->failed(order.step);
         continue;
       }
-      // Gradient exchange over the participants only (a retry starts from the own gradient).
+      // Gradient exchange over the participants only (a retry starts from the own gradient). A
+      // busy rank joins with a zero gradient: the sum is the participants', and it ends the
+      // step with everyone's state without a catch-up.
+      const bool passive = order.is_passive(rank);
+      if (passive && order.attempt == 0) std::fill(grads.begin(), grads.end(), 0.0f);
       if (order.attempt > 0) {
         std::copy(grad_backup.begin(), grad_backup.end(), grads.begin());
       } else if (straggler_mode) {
@@ -502,10 +507,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         if (nccl) {
           nccl->allreduce_sum();  // plain sync: every rank takes part
         } else {
-          allreducer.allreduce_sum(grads, order.participants,
-                             order.step * kAttemptsPerStep + order.attempt);
+          allreducer.allreduce_sum(grads, order.allreduce_members(),
+                                   order.step * kAttemptsPerStep + order.attempt);
         }
         participated = true;
+        if (passive) ++passive_steps;
         break;
       } catch (const TimeoutError& e) {
         if (!straggler_mode) throw;
@@ -527,7 +533,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
 
     // The averaged update, then the fresh state to the late ranks this rank serves.
-    replica.apply_gradients(1.0f / float(order.participants.size()));
+    replica.apply_gradients(1.0f / float(std::max<size_t>(1, order.participants.size())));
     serve_catchups(order, rec);
     rec.comm_ms = ms_since(t_comm);
 
@@ -596,16 +602,16 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   SummaryRecord summary;
   summary.steps = step;
   summary.elapsed_s = ms_since(start) / 1000.0;
-  const uint64_t samples =
-      (uint64_t(world) * (step - start_step) - collectives::sum_over_ranks(steps_skipped)) *
-      cfg.batch_size;
+  // Gradients dropped: a catch-up skips steps; a passive member's own gradient is discarded.
+  const uint64_t dropped = collectives::sum_over_ranks(steps_skipped + passive_steps);
+  const uint64_t samples = (uint64_t(world) * (step - start_step) - dropped) * cfg.batch_size;
   summary.samples_per_s = summary.elapsed_s > 0 ? double(samples) / summary.elapsed_s : 0;
   summary.test_accuracy = last_eval.test_accuracy;
   replica.download_state();
   const uint64_t checksum = checksum64(params);
   summary.param_checksum = fmt::format("{:016x}", checksum);
   summary.ranks_agree = collectives::all_ranks_equal(checksum);
-  summary.dropped_gradients = collectives::sum_over_ranks(steps_skipped);
+  summary.dropped_gradients = dropped;
   summary.catch_ups = collectives::sum_over_ranks(catch_ups);
   if (!resumed.path.empty()) summary.resumed_from_step = start_step;
   if (stop) summary.stopped_by = stopped_by.signal;

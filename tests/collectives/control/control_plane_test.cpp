@@ -131,6 +131,10 @@ TEST(Wire, EveryMessageRoundTrips) {
   order.order.catchups = {{1, 3}, {2, 4}};
   order.order.donor = 3;
   EXPECT_EQ(round_trip(order).order, order.order);
+  order.order.passive = {2, 7};
+  order.order.early = true;
+  order.order.kind = OrderKind::kServe;
+  EXPECT_EQ(round_trip(order).order, order.order) << "passive members, early, kServe";
 
   wire::Message abort;
   abort.type = wire::MsgType::kAbort;
@@ -336,7 +340,9 @@ TEST(LocalControlHub, DestroyingTheHubReleasesWaitingRanks) {
 TEST(LocalControlHub, BusyReturnsTheCatchUpOrNothing) {
   // W = 3, b = 1: two READYs close a step. Events are applied synchronously under the hub's
   // lock, so the order of calls below is the order the coordinator sees.
-  LocalControlHub hub(hub_config(3, 1));
+  CoordinatorConfig config = hub_config(3, 1);
+  config.busy_ranks_join = false;  // busy ranks are caught up (joining: coordinator tests)
+  LocalControlHub hub(config);
   auto channels = connect_all(hub, 3);
   using std::chrono::milliseconds;
   EXPECT_FALSE(channels[2]->busy(0, milliseconds(20))) << "step 0 cannot close yet";

@@ -31,8 +31,10 @@ CoordinatorConfig make_config(int world_size, int backup_workers = 0, int64_t ti
   c.min_quorum = min_quorum;
   c.stall_warning_s = 0;  // off unless a test is about stalls
   c.stall_abort_s = 0;
-  // These tests pin down catch-ups at a close; early catch-ups have their own tests below.
+  // These tests pin down catch-ups at a close; early catch-ups and busy ranks joining the
+  // all-reduce have their own tests below.
   c.early_catch_up = false;
+  c.busy_ranks_join = false;
   return c;
 }
 
@@ -769,6 +771,53 @@ TEST(CoordinatorEarlyCatchUp, FailedEarlyTransferMakesTheRankLateAgain) {
   ASSERT_EQ(d.early.size(), 1u) << "served again by a rank waiting for step 1";
   EXPECT_EQ(d.early[0].late_rank, 3);
   EXPECT_EQ(d.early[0].donor_rank, 1);
+}
+
+TEST(CoordinatorBusyJoins, BusyRankJoinsTheAllreduceWithoutCatchUp) {
+  CoordinatorConfig config = make_config(4, 1);
+  config.busy_ranks_join = true;
+  Coordinator c(config, kT0);
+  EXPECT_TRUE(c.busy(3, 0, at_ms(1)).empty());
+  ClosedRound r = only_close(all_ready(c, {0, 2, 1}, 0, at_ms(2)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(r.passive, std::vector<int>{3});
+  EXPECT_TRUE(r.catchups.empty()) << "a passive member ends the step with everyone's state";
+  // It continues with step 1 like the participants (its repeated BUSY(0) is stale).
+  EXPECT_TRUE(c.busy(3, 0, at_ms(3)).empty());
+  EXPECT_TRUE(c.ready(3, 1, at_ms(4)).empty());
+  r = only_close(all_ready(c, {0, 1}, 1, at_ms(5)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 3}));
+  EXPECT_TRUE(r.passive.empty()) << "rank 2 neither ready nor busy: not waited for, not taken";
+  // Every member of the all-reduce gets kParticipate with both lists.
+  ClosedRound with_busy;
+  with_busy.step = 7;
+  with_busy.participants = {0, 1};
+  with_busy.passive = {3};
+  const auto orders = orders_for(with_busy);
+  ASSERT_EQ(orders.size(), 3u);
+  for (const auto& [rank, order] : orders) {
+    EXPECT_EQ(order.kind, OrderKind::kParticipate) << "rank " << rank;
+    EXPECT_EQ(order.allreduce_members(), (std::vector<int>{0, 1, 3})) << "rank " << rank;
+    EXPECT_EQ(order.is_passive(rank), rank == 3);
+  }
+}
+
+TEST(CoordinatorBusyJoins, RepairKeepsThePassiveRole) {
+  CoordinatorConfig config = make_config(3, 1);
+  config.busy_ranks_join = true;
+  Coordinator c(config, kT0);
+  EXPECT_TRUE(c.busy(2, 0, at_ms(0)).empty());
+  ClosedRound r = only_close(all_ready(c, {0, 1}, 0, at_ms(1)));
+  ASSERT_EQ(r.passive, std::vector<int>{2});
+  // Rank 1 froze inside the all-reduce; ranks 0 and 2 report the failure: the retry runs over
+  // them, rank 2 still with a zero gradient.
+  EXPECT_TRUE(c.failed(0, 0, at_ms(10)).empty());
+  Decisions d = c.failed(2, 0, at_ms(11));
+  if (d.closed.empty()) d = c.tick(at_ms(10 + config.repair_window_ms));
+  ClosedRound retry = only_close(d);
+  EXPECT_EQ(retry.attempt, 1u);
+  EXPECT_EQ(retry.participants, std::vector<int>{0});
+  EXPECT_EQ(retry.passive, std::vector<int>{2});
 }
 
 TEST(CoordinatorEarlyCatchUp, NotInTheFinalRound) {
