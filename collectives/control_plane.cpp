@@ -75,11 +75,13 @@ std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early) {
   serve.kind = OrderKind::kServe;
   serve.step = early.step;
   serve.early = true;
+  serve.velocity_only = early.velocity_only;
   serve.catchups = {{early.late_rank, early.donor_rank}};
   StepOrder catch_up;
   catch_up.kind = OrderKind::kCatchUp;
   catch_up.step = early.step;
   catch_up.early = true;
+  catch_up.velocity_only = early.velocity_only;
   catch_up.donor = early.donor_rank;
   catch_up.catchups = serve.catchups;
   return {{early.donor_rank, std::move(serve)}, {early.late_rank, std::move(catch_up)}};
@@ -235,13 +237,15 @@ constexpr uint8_t kFlagFinal = 1;
 constexpr uint8_t kFlagStop = 2;
 constexpr uint8_t kFlagTimedOut = 4;
 constexpr uint8_t kFlagEarly = 8;
+constexpr uint8_t kFlagVelocityOnly = 16;
 
 void write_order(Writer& w, const StepOrder& o) {
   w.u8(static_cast<uint8_t>(o.kind));
   w.u64(o.step);
   w.u32(o.attempt);
   w.u8(static_cast<uint8_t>((o.final_round ? kFlagFinal : 0) | (o.stop ? kFlagStop : 0) |
-                            (o.timed_out ? kFlagTimedOut : 0) | (o.early ? kFlagEarly : 0)));
+                            (o.timed_out ? kFlagTimedOut : 0) | (o.early ? kFlagEarly : 0) |
+                            (o.velocity_only ? kFlagVelocityOnly : 0)));
   w.u32(static_cast<uint32_t>(o.donor));
   w.u32(static_cast<uint32_t>(o.participants.size()));
   for (int p : o.participants) w.u32(static_cast<uint32_t>(p));
@@ -270,6 +274,7 @@ StepOrder read_order(Reader& r) {
   o.stop = (flags & kFlagStop) != 0;
   o.timed_out = (flags & kFlagTimedOut) != 0;
   o.early = (flags & kFlagEarly) != 0;
+  o.velocity_only = (flags & kFlagVelocityOnly) != 0;
   o.donor = static_cast<int>(static_cast<int32_t>(r.u32()));
   const size_t n_participants = r.count(4);
   o.participants.reserve(n_participants);

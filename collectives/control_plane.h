@@ -61,6 +61,9 @@ struct StepOrder {
   std::vector<CatchUp> catchups;  // every (late, donor) pair of the round, sorted by late rank
   int donor = -1;                 // kCatchUp only
   bool early = false;             // kCatchUp/kServe of an early catch-up: state of step `step`
+  // Early catch-up of a rank one step behind: only the optimizer state (velocity) travels; the
+  // late rank recomputes the parameters from it (kernels::sgd_apply_velocity).
+  bool velocity_only = false;
 
   // Every rank of this round's all-reduce (participants and passive members), ascending.
   std::vector<int> allreduce_members() const;

@@ -66,6 +66,7 @@ Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : confi
   next_step_.assign(w, 0);
   busy_step_.assign(w, kNoStep);
   early_step_.assign(w, kNoStep);
+  late_holds_.assign(w, kNoStep);
   superseded_.assign(w, false);
   ready_.reserve(w);
   late_.reserve(w);
@@ -140,8 +141,9 @@ void Coordinator::note_progress(int rank, uint64_t step) {
   for (int failed_rank : ranks_in(RankState::kFailed)) make_late(failed_rank);
 }
 
-void Coordinator::make_late(int rank) {
+void Coordinator::make_late(int rank, uint64_t holds_step) {
   const auto r = static_cast<size_t>(rank);
+  late_holds_[r] = holds_step;
   state_[r] = RankState::kLate;
   superseded_[r] = false;
   late_.push_back(rank);
@@ -165,7 +167,7 @@ Decisions Coordinator::ready(int rank, uint64_t step, CoordTime now) {
   if (step < open_step_ || superseded_[r]) {
     // Step `step` closed without this rank (or its state is from an abandoned attempt): its
     // gradient is dropped, a later close catches it up.
-    make_late(rank);
+    make_late(rank, superseded_[r] ? kNoStep : step);
   } else {
     state_[r] = RankState::kReady;
     ready_.push_back(rank);
@@ -191,7 +193,7 @@ Decisions Coordinator::busy(int rank, uint64_t step, CoordTime now) {
   if (!check_report(rank, step, "BUSY", out)) return out;
   busy_step_[r] = step;
   if (step < open_step_ || superseded_[r]) {
-    make_late(rank);
+    make_late(rank, superseded_[r] ? kNoStep : step);
   } else if (next_step_[r] != step) {
     abort_job(fmt::format("protocol violation: rank {} sent BUSY({}) but its next step is {}", rank,
                           step, next_step_[r]),
@@ -469,7 +471,8 @@ void Coordinator::catch_up_early(Decisions& out) {
     next_step_[r] = open_step_;
     early_step_[r] = open_step_;
     superseded_[r] = false;
-    out.early.push_back({open_step_, late_rank, donor});
+    const bool velocity_only = late_holds_[r] != kNoStep && late_holds_[r] + 1 == open_step_;
+    out.early.push_back({open_step_, late_rank, donor, velocity_only});
   }
   late_.clear();
 }

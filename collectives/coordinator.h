@@ -53,6 +53,9 @@ struct EarlyCatchUp {
   uint64_t step = 0;
   int late_rank = -1;
   int donor_rank = -1;
+  // The late rank holds exactly the state of step - 1 (it reported READY/BUSY(step - 1)): the
+  // optimizer's new velocity is enough to recompute the parameters, half the bytes.
+  bool velocity_only = false;
   bool operator==(const EarlyCatchUp&) const = default;
 };
 
@@ -153,7 +156,8 @@ class Coordinator {
   void close_round(bool timed_out, Decisions& out);
   void repair(Decisions& out);
   void catch_up_early(Decisions& out);
-  void make_late(int rank);
+  // `holds_step`: the step whose state the rank holds exactly (its late READY/BUSY), or kNoStep.
+  void make_late(int rank, uint64_t holds_step = kNoStep);
   // Checks a report of `step` from a rank in state kWorking; aborts (returns false) if invalid.
   bool check_report(int rank, uint64_t step, const char* what, Decisions& out);
   // True if `rank` reporting `step` is a BUSY/READY that raced an order it already got or a
@@ -183,6 +187,7 @@ class Coordinator {
   std::vector<int> late_;            // late ranks waiting for a close, in arrival order
   std::vector<uint64_t> busy_step_;  // step of the rank's last BUSY (kNoStep: none pending)
   std::vector<uint64_t> early_step_;  // step of the rank's pending early catch-up, or kNoStep
+  std::vector<uint64_t> late_holds_;  // a late rank's exact state (make_late), or kNoStep
   // Members of an abandoned attempt that were left out of its re-close: whatever state they
   // report next is from that attempt, so they are caught up instead of taking part.
   std::vector<bool> superseded_;

@@ -33,12 +33,16 @@ RESYNC_HOST_DEVICE inline float xent_grad(float e, float inv_sum, bool is_label,
 //   g = grad * grad_scale + wd * p;  v = momentum * v + g;  p -= lr * v.
 // The operation order is fixed (no reassociation), so equal inputs give equal bits on every rank
 // of one backend (nvcc may fuse the multiply-adds, so CPU and GPU can differ in the last bit).
+// The parameter half of the update: p -= lr * v with the new velocity. A rank one step behind
+// that receives the new velocity recomputes the new parameter with it, bit for bit.
+RESYNC_HOST_DEVICE inline void sgd_velocity_element(float& p, float v, float lr) { p = p - lr * v; }
+
 RESYNC_HOST_DEVICE inline void sgd_momentum_element(float& p, float& v, float grad,
                                                     float grad_scale, float lr, float momentum,
                                                     float weight_decay) {
   const float g = grad * grad_scale + weight_decay * p;
   v = momentum * v + g;
-  p = p - lr * v;
+  sgd_velocity_element(p, v, lr);
 }
 
 }  // namespace resync::kernels

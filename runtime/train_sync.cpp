@@ -28,6 +28,7 @@
 #include "collectives/tcp_control.h"
 #include "collectives/world.h"
 #include "kernels/gemm.h"
+#include "kernels/sgd.h"
 #include "models/model.h"
 #include "runtime/checkpoint.h"
 #include "runtime/checksum.h"
@@ -327,6 +328,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   std::vector<float> grad_backup(straggler_mode ? grads.size() : 0);  // for a repaired step
   const std::array<std::span<const float>, 2> state_out = {params, velocity};
   const std::array<std::span<float>, 2> state_in = {params, velocity};
+  // A rank one step behind needs only the new velocity (StepOrder::velocity_only).
+  const std::array<std::span<const float>, 1> velocity_out = {velocity};
+  const std::array<std::span<float>, 1> velocity_in = {velocity};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
   uint64_t passive_steps = 0;  // steps this rank took part in with a zero gradient (busy)
   uint64_t catch_ups = 0;
@@ -371,7 +375,10 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       header.user[0] = checksum64(params);
       header.user[1] = checksum64(velocity);
       try {
-        collectives::send_state(ctx, late, collectives::state_sequence(order), header, state_out);
+        const std::span<const std::span<const float>> spans =
+            order.velocity_only ? std::span<const std::span<const float>>(velocity_out)
+                                : std::span<const std::span<const float>>(state_out);
+        collectives::send_state(ctx, late, collectives::state_sequence(order), header, spans);
       } catch (const TimeoutError& e) {
         log->warn("step {}: could not catch up rank {}: {}", order.step, late, e.what());
       }
@@ -387,9 +394,16 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     auto span = timeline->span("catch_up", static_cast<int64_t>(order.step), Lane::kTrain,
                                {"donor", order.donor});
     collectives::StateHeader header;
+    if (order.velocity_only) replica.download_state();  // the parameters it updates
     try {
-      collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
-                              state_in);
+      if (order.velocity_only) {
+        collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
+                                velocity_in);
+        kernels::sgd_apply_velocity(params, velocity, cfg.lr);
+      } else {
+        collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
+                                state_in);
+      }
     } catch (const TimeoutError& e) {
       log->warn("catch-up from rank {} after step {} failed: {}", order.donor, order.step,
                 e.what());

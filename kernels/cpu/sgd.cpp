@@ -20,4 +20,11 @@ void sgd_momentum_update(std::span<float> params, std::span<float> velocity,
   }
 }
 
+void sgd_apply_velocity(std::span<float> params, std::span<const float> velocity, float lr) {
+  RESYNC_CHECK_ARG(params.size() == velocity.size(),
+                   fmt::format("sgd: sizes differ: params {}, velocity {}", params.size(),
+                               velocity.size()));
+  for (size_t i = 0; i < params.size(); ++i) sgd_velocity_element(params[i], velocity[i], lr);
+}
+
 }  // namespace resync::kernels

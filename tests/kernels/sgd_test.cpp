@@ -71,6 +71,25 @@ TEST(Sgd, BitwiseDeterministic) {
   }
 }
 
+TEST(Sgd, NewVelocityRecomputesTheUpdatedParametersBitForBit) {
+  // What a rank one step behind does with an early catch-up: it holds the parameters before
+  // the update, receives the velocity after it, and must end with the updater's bits.
+  const size_t n = 4099;
+  const SgdHyper h{0.05f, 0.9f, 1e-4f};
+  std::vector<float> params = random_floats(n, 1);
+  std::vector<float> velocity = random_floats(n, 2);
+  const std::vector<float> grads = random_floats(n, 3);
+  std::vector<float> behind = params;
+  sgd_momentum_update(params, velocity, grads, 0.25f, h);
+  sgd_apply_velocity(behind, velocity, h.lr);
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(std::memcmp(&behind[i], &params[i], sizeof(float)), 0)
+        << "element " << i << ": " << behind[i] << " vs " << params[i];
+  }
+  std::vector<float> short_velocity(n - 1);
+  EXPECT_THROW(sgd_apply_velocity(behind, short_velocity, h.lr), InvalidArgument);
+}
+
 TEST(Sgd, RejectsMismatchedSizes) {
   std::vector<float> p(4), v(3), g(4);
   EXPECT_THROW(sgd_momentum_update(p, v, g, 1.0f, SgdHyper{}), InvalidArgument);

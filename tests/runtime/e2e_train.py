@@ -28,9 +28,13 @@ def run(np, args, timeout=120):
     return p
 
 
+LAST_STDERR = [""]  # the log of the last train() run
+
+
 def train(np, args, name, timeout=120):
     path = os.path.join(TMP, name + ".jsonl")
     p = run(np, ["train", "--metrics", path] + args, timeout)
+    LAST_STDERR[0] = p.stderr
     if p.returncode != 0:
         fail(f"`resync train {' '.join(args)}` at np {np} exited {p.returncode}\n{p.stderr[-3000:]}")
     rows = [json.loads(line) for line in open(path)]
@@ -176,8 +180,13 @@ def scenario_backup_workers():
         left_out = [r for r in steps if r["participants"] == others and r["dropped"] == [slow]]
         if len(left_out) < len(steps) // 2:
             fail(f"np {np}: slow rank {slow} was left out of only {len(left_out)} of {len(steps)} steps")
-        if s["catch_ups"] < 1 or s["dropped_gradients"] < 1:
-            fail(f"np {np}: no catch-ups/drops recorded: {s}")
+        # The slow rank is busy (in its injected delay) when its steps close: it joins their
+        # all-reduce with a zero gradient, so its gradients are dropped but need no catch-up.
+        if s["dropped_gradients"] < len(left_out):
+            fail(f"np {np}: {s['dropped_gradients']} dropped gradients for {len(left_out)} "
+                 f"steps without rank {slow}: {s}")
+        if "torn" in LAST_STDERR[0] or "could not catch up" in LAST_STDERR[0]:
+            fail(f"np {np}: a catch-up failed:\n{LAST_STDERR[0][-3000:]}")
         if any(len(r["participants"]) != np - 1 for r in steps):
             fail(f"np {np}: a step closed with other than W-b participants")
         if not s["test_accuracy"] > 0.8:

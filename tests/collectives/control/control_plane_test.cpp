@@ -133,6 +133,7 @@ TEST(Wire, EveryMessageRoundTrips) {
   EXPECT_EQ(round_trip(order).order, order.order);
   order.order.passive = {2, 7};
   order.order.early = true;
+  order.order.velocity_only = true;
   order.order.kind = OrderKind::kServe;
   EXPECT_EQ(round_trip(order).order, order.order) << "passive members, early, kServe";
 

@@ -738,7 +738,9 @@ TEST(CoordinatorEarlyCatchUp, LateRankIsServedByTheFirstRankReadyForTheOpenStep)
   Decisions d = c.ready(2, 1, at_ms(8));
   EXPECT_TRUE(d.closed.empty());
   ASSERT_EQ(d.early.size(), 1u);
-  EXPECT_EQ(d.early[0], (EarlyCatchUp{.step = 1, .late_rank = 3, .donor_rank = 2}));
+  EXPECT_EQ(d.early[0],
+            (EarlyCatchUp{.step = 1, .late_rank = 3, .donor_rank = 2, .velocity_only = true}))
+      << "rank 3 holds the state of step 0 exactly: the new velocity is enough";
   // Rank 3 now computes step 1 and counts towards its close like everyone else: the step
   // closes at W - b = 3 READYs without waiting for rank 0 (the straggler of step 1).
   EXPECT_TRUE(c.ready(1, 1, at_ms(9)).empty());
@@ -753,7 +755,8 @@ TEST(CoordinatorEarlyCatchUp, LateReadyWithARankAlreadyWaitingIsServedAtOnce) {
   EXPECT_TRUE(c.ready(0, 1, at_ms(1)).empty());
   Decisions d = c.ready(2, 0, at_ms(2));
   ASSERT_EQ(d.early.size(), 1u);
-  EXPECT_EQ(d.early[0], (EarlyCatchUp{.step = 1, .late_rank = 2, .donor_rank = 0}));
+  EXPECT_EQ(d.early[0],
+            (EarlyCatchUp{.step = 1, .late_rank = 2, .donor_rank = 0, .velocity_only = true}));
   // After the early catch-up, reporting an older step is a protocol violation.
   Decisions bad = c.ready(2, 0, at_ms(3));
   ASSERT_TRUE(bad.abort);
@@ -771,6 +774,17 @@ TEST(CoordinatorEarlyCatchUp, FailedEarlyTransferMakesTheRankLateAgain) {
   ASSERT_EQ(d.early.size(), 1u) << "served again by a rank waiting for step 1";
   EXPECT_EQ(d.early[0].late_rank, 3);
   EXPECT_EQ(d.early[0].donor_rank, 1);
+  EXPECT_FALSE(d.early[0].velocity_only) << "after a failed transfer its state may be torn";
+}
+
+TEST(CoordinatorEarlyCatchUp, ARankSeveralStepsBehindGetsTheFullState) {
+  Coordinator c(early_config(3, 1), kT0);
+  for (uint64_t step = 0; step < 3; ++step) only_close(all_ready(c, {0, 1}, step, at_ms(step)));
+  EXPECT_TRUE(c.ready(0, 3, at_ms(10)).empty());
+  Decisions d = c.ready(2, 0, at_ms(11));  // woke up (SIGCONT) three steps behind
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0].step, 3u);
+  EXPECT_FALSE(d.early[0].velocity_only) << "the velocity alone cannot bridge three steps";
 }
 
 TEST(CoordinatorBusyJoins, BusyRankJoinsTheAllreduceWithoutCatchUp) {
