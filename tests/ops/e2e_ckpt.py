@@ -14,6 +14,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mpi_procs import rank_pid  # noqa: E402
+
 RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_ops_")
@@ -200,18 +203,9 @@ def find_rank_pid(marker, rank, job, timeout_s=30):
     """The pid of the resync process with MPI rank `rank` whose command line holds `marker`."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().split(b"\0")
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-            except OSError:
-                continue
-            if marker.encode() in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-                return int(pid)
+        pid = rank_pid(marker, rank)
+        if pid is not None:
+            return pid
         if job.poll() is not None:
             fail(f"job ended (exit {job.returncode}) before rank {rank} was found")
         time.sleep(0.05)  # polling /proc for the job under test
