@@ -9,7 +9,7 @@ scripts/build.sh default
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p results
 metrics=results/demo.jsonl
-mpirun -np 2 --oversubscribe build/default/resync train --epochs 3 --metrics "$metrics" "$@"
+mpirun -np 2 --oversubscribe build/default/runtime/resync train --epochs 3 --metrics "$metrics" "$@"
 
 python3 - "$metrics" <<'PY'
 import json, sys
