@@ -88,7 +88,8 @@ class Reader {
     const auto n_elems = get<uint64_t>(field);
     if (n_elems > (bytes_.size() - pos_) / sizeof(float)) malformed(field);
     std::vector<float> out(n_elems);
-    std::memcpy(out.data(), take(n_elems * sizeof(float), field), n_elems * sizeof(float));
+    const uint8_t* src = take(n_elems * sizeof(float), field);
+    if (n_elems > 0) std::memcpy(out.data(), src, n_elems * sizeof(float));  // data() may be null
     return out;
   }
   bool at_end() const { return pos_ == bytes_.size(); }
