@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests that signal one rank of a running `mpirun` job."""
 import os
+import time
 
 
 def rank_pid(marker, rank):
@@ -18,3 +19,17 @@ def rank_pid(marker, rank):
         if marker.encode() in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
             return int(pid)
     return None
+
+
+def wait_for(predicate, timeout_s, what, job, fail):
+    """Polls `predicate` (e.g. a metrics file written by `job`) until it holds; calls
+    fail(message, job) when the job ends first or after timeout_s."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        if job.poll() is not None:
+            fail(f"job ended (exit {job.returncode}) while waiting for {what}:\n"
+                 f"{job.stderr.read()[-3000:]}", job)
+        time.sleep(0.05)  # polling a file written by the job under test
+    fail(f"timed out after {timeout_s} s waiting for {what}", job)

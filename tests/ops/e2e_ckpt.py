@@ -15,7 +15,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mpi_procs import rank_pid  # noqa: E402
+from mpi_procs import rank_pid, wait_for  # noqa: E402
 
 RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -221,18 +221,6 @@ def last_step(metrics):
         return -1
 
 
-def wait_for(predicate, timeout_s, what, job):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        if job.poll() is not None:
-            fail(f"job ended (exit {job.returncode}) while waiting for {what}:\n"
-                 f"{job.stderr.read()[-3000:]}")
-        time.sleep(0.05)  # polling a file written by the job under test
-    fail(f"timed out after {timeout_s} s waiting for {what}", job)
-
-
 TOTAL = 1000
 
 
@@ -251,7 +239,7 @@ def start_slow_job(name, d, extra):
 def preempt(signo, signame):
     d = os.path.join(TMP, "ck")
     job, metrics = start_slow_job("preempted", d, [])
-    wait_for(lambda: last_step(metrics) >= 20, 60, "step 20", job)
+    wait_for(lambda: last_step(metrics) >= 20, 60, "step 20", job, fail)
     victim = find_rank_pid(metrics, 1, job)
     os.kill(victim, signo)  # to rank 1 only: rank 0 must learn it through the coordinator
     sent_at = time.time()
@@ -301,7 +289,7 @@ def sigkill(rank, every):
     job, metrics = start_slow_job(f"killed{rank}", d, ["--checkpoint-every", str(every),
                                                         "--checkpoint-keep", "3"])
     wait_for(lambda: last_step(metrics) >= 45 and len(checkpoints(d)) >= 2, 60,
-             "step 45 and two checkpoints", job)
+             "step 45 and two checkpoints", job, fail)
     victim = find_rank_pid(metrics, rank, job)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()

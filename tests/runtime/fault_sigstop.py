@@ -17,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mpi_procs import rank_pid  # noqa: E402
+from mpi_procs import rank_pid, wait_for  # noqa: E402
 
 RESYNC, MPIEXEC = sys.argv[1], sys.argv[2]
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -47,17 +47,6 @@ def find_rank_pid(rank):
     return rank_pid(METRICS, rank)
 
 
-def wait_for(predicate, timeout_s, what, job):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if predicate():
-            return
-        if job.poll() is not None:
-            fail(f"job ended (exit {job.returncode}) while waiting for {what}:\n{job.stderr.read()[-3000:]}")
-        time.sleep(0.05)  # polling a file written by the job under test
-    fail(f"timed out after {timeout_s} s waiting for {what}", job)
-
-
 args = [MPIEXEC, "-np", str(NP), "--oversubscribe", "--bind-to", "none", RESYNC, "train",
         "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test", "1000",
         "--hidden", "128", "--batch-size", "32", "--steps", "2500", "--backup-workers", "1",
@@ -65,7 +54,7 @@ args = [MPIEXEC, "-np", str(NP), "--oversubscribe", "--bind-to", "none", RESYNC,
         "--metrics", METRICS, "--log-level", os.environ.get("RESYNC_FAULT_LOG_LEVEL", "warn")]
 job = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-wait_for(lambda: last_step() >= 100, 60, "step 100", job)
+wait_for(lambda: last_step() >= 100, 60, "step 100", job, fail)
 pid = find_rank_pid(VICTIM)
 if pid is None:
     fail(f"could not find the process of rank {VICTIM}", job)
