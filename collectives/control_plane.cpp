@@ -26,12 +26,10 @@ std::vector<int> StepOrder::late_ranks_served_by(int rank) const {
   return late;
 }
 
-std::vector<int> StepOrder::allreduce_members() const {
-  std::vector<int> members;
-  members.reserve(participants.size() + passive.size());
+void StepOrder::allreduce_members(std::vector<int>& out) const {
+  out.clear();
   std::merge(participants.begin(), participants.end(), passive.begin(), passive.end(),
-             std::back_inserter(members));
-  return members;
+             std::back_inserter(out));
 }
 
 bool StepOrder::is_passive(int rank) const {

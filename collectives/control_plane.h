@@ -65,8 +65,9 @@ struct StepOrder {
   // late rank recomputes the parameters from it (kernels::sgd_apply_velocity).
   bool velocity_only = false;
 
-  // Every rank of this round's all-reduce (participants and passive members), ascending.
-  std::vector<int> allreduce_members() const;
+  // Every rank of this round's all-reduce (participants and passive members), ascending, into
+  // `out` (cleared first; its capacity is reused, so a step allocates nothing).
+  void allreduce_members(std::vector<int>& out) const;
   bool is_passive(int rank) const;
   // Late ranks that `rank` sends its state to after this round, ascending.
   std::vector<int> late_ranks_served_by(int rank) const;

@@ -333,6 +333,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const std::array<std::span<float>, 1> velocity_in = {velocity};
   uint64_t steps_skipped = 0;  // steps whose update this rank received by catch-up
   uint64_t passive_steps = 0;  // steps this rank took part in with a zero gradient (busy)
+  std::vector<int> members;    // of each step's all-reduce; capacity reused every step
+  members.reserve(static_cast<size_t>(world));
   uint64_t catch_ups = 0;
   size_t epochs_evaluated = start_step / s.sampler.steps_per_epoch();
   EvalRecord last_eval;
@@ -521,7 +523,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         if (nccl) {
           nccl->allreduce_sum();  // plain sync: every rank takes part
         } else {
-          allreducer.allreduce_sum(grads, order.allreduce_members(),
+          order.allreduce_members(members);
+          allreducer.allreduce_sum(grads, members,
                                    order.step * kAttemptsPerStep + order.attempt);
         }
         participated = true;
