@@ -14,22 +14,13 @@
 #include "base/random.h"
 #include "kernels/cuda/context.h"
 #include "runtime/replica.h"
+#include "tests/models/replica_test_util.h"
 
 namespace resync::runtime {
 namespace {
 
-struct Batch {
-  std::vector<float> x;
-  std::vector<int32_t> y;
-};
-
-Batch seeded_batch(const models::ModelSpec& spec, size_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  Batch b{std::vector<float>(n * spec.input_size()), std::vector<int32_t>(n)};
-  for (float& v : b.x) v = static_cast<float>(2.0 * rng.uniform() - 1.0);
-  for (int32_t& label : b.y) label = static_cast<int32_t>(rng.next() % spec.n_classes);
-  return b;
-}
+using testing::Batch;
+using testing::seeded_batch;
 
 models::ModelSpec spec_for(const std::string& name) {
   models::ModelSpec spec;

@@ -15,6 +15,7 @@
 
 #ifdef RESYNC_WITH_CUDA
 #include "kernels/cuda/context.h"
+#include "tests/models/replica_test_util.h"
 #endif
 
 namespace resync::runtime {
@@ -35,18 +36,8 @@ void expect_same_bits(std::span<const float> actual, std::span<const float> expe
   }
 }
 
-struct Batch {
-  std::vector<float> x;
-  std::vector<int32_t> y;
-};
-
-Batch seeded_batch(const models::ModelSpec& spec, size_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  Batch b{std::vector<float>(n * spec.input_size()), std::vector<int32_t>(n)};
-  for (float& v : b.x) v = static_cast<float>(2.0 * rng.uniform() - 1.0);
-  for (int32_t& label : b.y) label = static_cast<int32_t>(rng.next() % spec.n_classes);
-  return b;
-}
+using testing::Batch;
+using testing::seeded_batch;
 
 models::ModelSpec small_spec(const std::string& name) {
   models::ModelSpec spec;
