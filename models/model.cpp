@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <mutex>
 #include <utility>
 
@@ -60,6 +62,32 @@ class Registry {
   std::vector<std::pair<std::string, ModelBuilder>> entries_;
 };
 
+bool overlap(std::span<const float> a, std::span<const float> b) {
+  if (a.empty() || b.empty()) return false;
+  const std::less<const float*> before;
+  return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
+}
+
+// Moves the live buffer `view` into `storage` (checked against the model's other buffer,
+// `other`), repoints `view` at it and frees `owned`, the model's own buffer, if that held it.
+void move_buffer(const char* what, std::span<float> storage, std::span<const float> other,
+                 std::span<float>& view, std::vector<float>& owned) {
+  const size_t n_params = view.size();
+  RESYNC_CHECK_ARG(storage.size() >= n_params,
+                   fmt::format("model: {} storage of {} floats for {} parameters", what,
+                               storage.size(), n_params));
+  storage = storage.first(n_params);
+  RESYNC_CHECK_ARG(!overlap(storage, other),
+                   fmt::format("model: {} storage overlaps the model's other buffer", what));
+  // memmove: placing again into storage that overlaps the current one is allowed.
+  if (n_params > 0 && storage.data() != view.data()) {
+    std::memmove(storage.data(), view.data(), view.size_bytes());
+  }
+  view = storage;
+  owned.clear();
+  owned.shrink_to_fit();
+}
+
 }  // namespace
 
 Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed)
@@ -83,36 +111,36 @@ Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed
   }
   params_.assign(total, 0.0f);
   grads_.assign(total, 0.0f);
+  params_view_ = params_;
   grads_view_ = grads_;
+  bind_layers();
 
   SplitMix64 rng(seed);
-  size_t offset = 0;
   for (auto& layer : layers_) {
-    const size_t n = layer->n_params();
-    layer->bind(std::span(params_).subspan(offset, n), std::span(grads_).subspan(offset, n));
     layer->init(rng);
     layer->reserve(max_batch_);
     acts_.emplace_back(max_batch_ * layer->out_size());
     dacts_.emplace_back(max_batch_ * layer->out_size());
+  }
+}
+
+void Model::bind_layers() {
+  size_t offset = 0;
+  for (auto& layer : layers_) {
+    const size_t n = layer->n_params();
+    layer->bind(params_view_.subspan(offset, n), grads_view_.subspan(offset, n));
     offset += n;
   }
 }
 
 void Model::place_gradients(std::span<float> storage) {
-  RESYNC_CHECK_ARG(storage.size() >= params_.size(),
-                   fmt::format("model: gradient storage of {} floats for {} parameters",
-                               storage.size(), params_.size()));
-  storage = storage.first(params_.size());
-  std::copy(grads_view_.begin(), grads_view_.end(), storage.begin());
-  size_t offset = 0;
-  for (auto& layer : layers_) {
-    const size_t n = layer->n_params();
-    layer->bind(std::span(params_).subspan(offset, n), storage.subspan(offset, n));
-    offset += n;
-  }
-  grads_view_ = storage;
-  grads_.clear();
-  grads_.shrink_to_fit();
+  move_buffer("gradient", storage, params_view_, grads_view_, grads_);
+  bind_layers();
+}
+
+void Model::place_parameters(std::span<float> storage) {
+  move_buffer("parameter", storage, grads_view_, params_view_, params_);
+  bind_layers();
 }
 
 void Model::check_batch(const float* x, const int32_t* labels, size_t batch) const {

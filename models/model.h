@@ -44,16 +44,21 @@ class Model {
   // gives bitwise-identical parameters on every rank.
   Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed);
 
-  size_t n_params() const { return params_.size(); }
-  std::span<float> params() { return params_; }
-  std::span<const float> params() const { return params_; }
+  size_t n_params() const { return params_view_.size(); }
+  std::span<float> params() { return params_view_; }
+  std::span<const float> params() const { return params_view_; }
   std::span<float> grads() { return grads_view_; }
   std::span<const float> grads() const { return grads_view_; }
 
   // Moves the gradient buffer into `storage` (at least n_params() floats, kept alive by the
   // caller), e.g. the all-reducer's shared-memory window, where peers sum it without staging
-  // copies. The current gradient values move along.
+  // copies. The current gradient values move along; grads() then returns
+  // storage.first(n_params()). Throws InvalidArgument if storage is too small or overlaps the
+  // parameters.
   void place_gradients(std::span<float> storage);
+  // The same for the parameters, e.g. so that a late peer can copy them straight out of the
+  // node's shared-memory window. Either buffer may be placed first, and placed again later.
+  void place_parameters(std::span<float> storage);
 
   size_t input_size() const { return layers_.front()->in_size(); }  // floats per sample
   size_t n_classes() const { return loss_.n_classes(); }
@@ -73,13 +78,16 @@ class Model {
     return layer == 0 ? x : acts_[layer - 1].data();
   }
   void check_batch(const float* x, const int32_t* labels, size_t batch) const;
+  // Points every layer at its slices of params_view_ and grads_view_.
+  void bind_layers();
 
   std::string label_;
   std::vector<std::unique_ptr<Layer>> layers_;
   SoftmaxCrossEntropy loss_;
   size_t max_batch_;
-  std::vector<float> params_;
+  std::vector<float> params_;      // the parameter buffer unless placed elsewhere
   std::vector<float> grads_;       // the gradient buffer unless placed elsewhere
+  std::span<float> params_view_;   // where the layers' parameter views point
   std::span<float> grads_view_;    // where the layers' gradient views point
   std::vector<std::vector<float>> acts_;   // acts_[i]: output of layer i; the last are logits
   std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]

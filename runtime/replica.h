@@ -36,9 +36,18 @@ class Replica {
   virtual float compute_gradients(const float* x, const int32_t* y, size_t n) = 0;
   virtual std::span<float> gradient_buffer() = 0;
   // Moves the host gradient buffer into `storage` (>= n_params() floats, e.g. the all-reducer's
-  // shared-memory window, so the node's ranks sum it without staging copies). Returns false if
-  // this replica keeps its own (the CUDA replica's is pinned host memory).
+  // shared-memory window, so the node's ranks sum it without staging copies; it must not overlap
+  // the state, InvalidArgument otherwise). Returns false if this replica keeps its own (the CUDA
+  // replica's is pinned host memory).
   virtual bool place_gradients(std::span<float> storage) = 0;
+  // Moves the live parameters into `params` and the optimizer velocity into `velocity`, e.g.
+  // into the node's shared-memory window, so that a late peer copies the state straight out of
+  // it. Each span holds >= n_params() floats, is kept alive by the caller and overlaps neither
+  // the other, the gradient buffer nor the other half's current place (InvalidArgument
+  // otherwise, nothing changed). The values move along; host_state() then returns the first
+  // n_params() floats of each. Returns false, changing nothing, if the state does not live in
+  // host memory (the CUDA replica keeps it on the device: use download_state()/host_state()).
+  virtual bool place_state(std::span<float> params, std::span<float> velocity) = 0;
 
   // Applies the gradient now in the gradient buffer, scaled by grad_scale (1/|participants| for
   // a summed gradient), with SGD-momentum on the device where the parameters live.
@@ -47,7 +56,7 @@ class Replica {
   // Host views of the full state {parameters, optimizer velocity}, for checksums, catch-up
   // transfers and checkpoints. On CUDA they are a host mirror: download_state() fills it from
   // the device, upload_state() sends a change made to it (catch-up, resume) back. On CPU both
-  // are no-ops and the views alias the live state.
+  // are no-ops and the views alias the live state (the storage given to place_state, if any).
   virtual std::array<std::span<float>, 2> host_state() = 0;
   virtual void download_state() = 0;
   virtual void upload_state() = 0;

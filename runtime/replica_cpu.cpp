@@ -2,6 +2,9 @@
 // bits), make_replica and the GPU exchange choice. The CUDA replica is in replica_cuda.cpp.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <functional>
+
 #include "base/error.h"
 #include "runtime/optimizer.h"
 #include "runtime/replica.h"
@@ -16,6 +19,12 @@ std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t
 #endif
 
 namespace {
+
+bool overlap(std::span<const float> a, std::span<const float> b) {
+  if (a.empty() || b.empty()) return false;
+  const std::less<const float*> before;
+  return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
+}
 
 class CpuReplica final : public Replica {
  public:
@@ -32,7 +41,29 @@ class CpuReplica final : public Replica {
   }
   std::span<float> gradient_buffer() override { return model_->grads(); }
   bool place_gradients(std::span<float> storage) override {
+    RESYNC_CHECK_ARG(!overlap(storage.first(std::min(storage.size(), n_params())),
+                              optimizer_.state()),
+                     "replica: gradient storage overlaps the velocity");
     model_->place_gradients(storage);
+    return true;
+  }
+  bool place_state(std::span<float> params, std::span<float> velocity) override {
+    // Every check before any move, so that a rejected placement leaves the replica as it was.
+    const size_t n = n_params();
+    RESYNC_CHECK_ARG(params.size() >= n && velocity.size() >= n,
+                     fmt::format("replica: state storage of {} and {} floats for {} parameters",
+                                 params.size(), velocity.size(), n));
+    params = params.first(n);
+    velocity = velocity.first(n);
+    RESYNC_CHECK_ARG(!overlap(params, velocity),
+                     "replica: parameter storage overlaps velocity storage");
+    RESYNC_CHECK_ARG(!overlap(params, model_->grads()) && !overlap(velocity, model_->grads()),
+                     "replica: state storage overlaps the gradient buffer");
+    // Each half moves on its own: one landing on the other's current place would clobber it.
+    RESYNC_CHECK_ARG(!overlap(params, optimizer_.state()) && !overlap(velocity, model_->params()),
+                     "replica: state storage overlaps the other half of the current state");
+    model_->place_parameters(params);
+    optimizer_.place_state(velocity);
     return true;
   }
   void apply_gradients(float grad_scale) override {

@@ -319,6 +319,10 @@ class CudaReplica final : public Replica {
 
   std::span<float> gradient_buffer() override { return grads_host_->span(); }
   bool place_gradients(std::span<float> /*storage*/) override { return false; }
+  // The live state is device memory; peers get it through download_state() and host_state().
+  bool place_state(std::span<float> /*params*/, std::span<float> /*velocity*/) override {
+    return false;
+  }
 
   void apply_gradients(float grad_scale) override {
     ctx_.make_current();

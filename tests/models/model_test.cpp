@@ -8,6 +8,9 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <span>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -159,6 +162,154 @@ TEST(Mlp, PlacedGradientsLandInTheGivenStorageWithTheSameValues) {
     std::vector<float> too_small(placed->n_params() - 1);
     EXPECT_THROW(placed->place_gradients(too_small), InvalidArgument) << name;
   }
+}
+
+uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+ModelSpec tiny_spec_named(const std::string& name) {
+  ModelSpec spec = tiny_spec();
+  spec.name = name;
+  if (name == "cnn") spec.in_height = spec.in_width = 12;
+  return spec;
+}
+
+// Where a test moves a model's buffers, and when (before training step `at_step`).
+enum class Placement { kNone, kParams, kParamsThenGrads, kGradsThenParams };
+
+struct Trained {
+  std::vector<uint32_t> loss_bits;
+  std::vector<float> params;
+};
+
+// SGD-momentum training on fixed batches, placing the buffers (with some slack around them) into
+// `window` before step at_step, as a rank places them into its shared-memory window.
+Trained train_placed(const ModelSpec& spec, Placement placement, int at_step,
+                     std::vector<float>& window, const std::string& what) {
+  const size_t batch = 6;
+  const auto model = make_model(spec, batch, 17);
+  const size_t n = model->n_params();
+  std::vector<float> velocity(n, 0.0f);
+  const kernels::SgdHyper hyper{0.05f, 0.9f, 1e-4f};
+  // Layout: [1 pad][params][1 pad][grads][1 pad], the pads poisoned to catch stray writes.
+  window.assign(2 * n + 3, -7.0f);
+  const std::span<float> params_storage = std::span(window).subspan(1, n);
+  const std::span<float> grads_storage = std::span(window).subspan(n + 2, n + 1);
+  Trained out;
+  for (int step = 0; step < 5; ++step) {
+    if (step == at_step) {
+      if (placement == Placement::kGradsThenParams) model->place_gradients(grads_storage);
+      if (placement != Placement::kNone) model->place_parameters(params_storage);
+      if (placement == Placement::kParamsThenGrads) model->place_gradients(grads_storage);
+    }
+    const auto x = random_floats(batch * model->input_size(), 50 + step);
+    const auto labels = cyclic_labels(batch, model->n_classes());
+    out.loss_bits.push_back(bits_of(model->forward_backward(x.data(), labels.data(), batch)));
+    kernels::sgd_momentum_update(model->params(), velocity, model->grads(), 1.0f, hyper);
+  }
+  if (placement != Placement::kNone) {
+    EXPECT_EQ(model->params().data(), params_storage.data()) << what;
+    EXPECT_EQ(model->params().size(), n) << what;
+    if (placement != Placement::kParams) {
+      EXPECT_EQ(model->grads().data(), grads_storage.data()) << what;
+      EXPECT_EQ(model->grads().size(), n) << what;
+    }
+    EXPECT_EQ(window[0], -7.0f) << what << ": wrote before the parameters";
+    EXPECT_EQ(window[n + 1], -7.0f) << what << ": wrote past the parameters";
+    EXPECT_EQ(window.back(), -7.0f) << what << ": wrote past the gradients";
+  }
+  out.params.assign(model->params().begin(), model->params().end());
+  return out;
+}
+
+// Placing the parameters, alone or with the gradients in either order, before training or in the
+// middle of it, changes no bit of the losses or of the trained parameters.
+TEST(Mlp, PlacedParametersTrainBitIdentically) {
+  for (const std::string name : {"mlp", "cnn"}) {
+    const ModelSpec spec = tiny_spec_named(name);
+    std::vector<float> unused;
+    const Trained expected = train_placed(spec, Placement::kNone, 0, unused, name);
+    const std::pair<Placement, const char*> placements[] = {
+        {Placement::kParams, "params"},
+        {Placement::kParamsThenGrads, "params then grads"},
+        {Placement::kGradsThenParams, "grads then params"}};
+    for (const auto& [placement, label] : placements) {
+      for (const int at_step : {0, 2}) {
+        const std::string what = name + ", " + label + " before step " + std::to_string(at_step);
+        std::vector<float> window;
+        const Trained actual = train_placed(spec, placement, at_step, window, what);
+        ASSERT_EQ(actual.loss_bits, expected.loss_bits) << what << ": losses differ";
+        ASSERT_EQ(actual.params.size(), expected.params.size()) << what;
+        for (size_t i = 0; i < expected.params.size(); ++i) {
+          ASSERT_EQ(bits_of(actual.params[i]), bits_of(expected.params[i]))
+              << what << ": parameter " << i << " expected " << expected.params[i] << " actual "
+              << actual.params[i];
+          // The window holds the live parameters themselves.
+          ASSERT_EQ(bits_of(window[1 + i]), bits_of(expected.params[i])) << what << ": " << i;
+        }
+      }
+    }
+  }
+}
+
+// Writes through the storage reach forward and params(); after a second placement the first
+// storage is no longer read.
+TEST(Mlp, PlacedParameterStorageIsTheLiveParameters) {
+  const size_t batch = 8;
+  for (const std::string name : {"mlp", "cnn"}) {
+    const auto model = make_model(tiny_spec_named(name), batch, 5);
+    const size_t n = model->n_params();
+    const auto x = random_floats(batch * model->input_size(), 4);
+    const auto labels = cyclic_labels(batch, model->n_classes());
+    const std::vector<float> initial(model->params().begin(), model->params().end());
+    const double loss_before = model->evaluate(x.data(), labels.data(), batch).loss_sum;
+
+    std::vector<float> first(n);
+    model->place_parameters(first);
+    ASSERT_EQ(model->params().data(), first.data()) << name;
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(first[i], initial[i]) << name << ": param " << i;
+    EXPECT_EQ(model->evaluate(x.data(), labels.data(), batch).loss_sum, loss_before) << name;
+
+    // All-zero weights and biases give all-zero logits: the loss is exactly log(classes) each.
+    std::fill(first.begin(), first.end(), 0.0f);
+    EXPECT_EQ(model->params()[n / 2], 0.0f) << name;
+    const double zero_loss = model->evaluate(x.data(), labels.data(), batch).loss_sum;
+    EXPECT_NEAR(zero_loss / batch, std::log(double(model->n_classes())), 1e-6) << name;
+    EXPECT_NE(zero_loss, loss_before) << name << ": a write through the storage changed nothing";
+
+    // Moving on: the values move along, the old storage is left behind.
+    std::copy(initial.begin(), initial.end(), first.begin());
+    std::vector<float> second(n + 5, -7.0f);
+    model->place_parameters(second);
+    ASSERT_EQ(model->params().data(), second.data()) << name;
+    std::fill(first.begin(), first.end(), 0.0f);
+    EXPECT_EQ(model->evaluate(x.data(), labels.data(), batch).loss_sum, loss_before)
+        << name << ": the model still reads the storage it left";
+    EXPECT_EQ(second[n], -7.0f) << name << ": wrote past the parameters";
+    // Placing into the storage it already uses is allowed and keeps the values.
+    model->place_parameters(second);
+    EXPECT_EQ(model->evaluate(x.data(), labels.data(), batch).loss_sum, loss_before) << name;
+  }
+}
+
+TEST(Mlp, PlaceParametersRejectsSmallOrOverlappingStorage) {
+  const auto model = make_model(tiny_spec(), 4, 5);
+  const size_t n = model->n_params();
+  const std::vector<float> initial(model->params().begin(), model->params().end());
+  std::vector<float> too_small(n - 1);
+  EXPECT_THROW(model->place_parameters(too_small), InvalidArgument);
+  EXPECT_THROW(model->place_parameters({}), InvalidArgument);
+  // Parameters and gradients must not share floats, whichever is placed first.
+  std::vector<float> window(2 * n);
+  model->place_gradients(std::span(window).subspan(n));
+  EXPECT_THROW(model->place_parameters(std::span(window).subspan(1, n)), InvalidArgument);
+  model->place_parameters(std::span(window).first(n));
+  EXPECT_THROW(model->place_gradients(std::span(window).subspan(n - 1)), InvalidArgument);
+  EXPECT_EQ(model->grads().data(), window.data() + n) << "a rejected placement moved the buffer";
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(model->params()[i], initial[i]) << "param " << i;
 }
 
 TEST(Mlp, RejectsBatchesBeyondWorkspaceAndBadLabels) {

@@ -1,6 +1,7 @@
 // The CUDA replica against the CPU replica on seeded inputs (label gpu): same initial parameters,
 // close losses, gradients and parameters over several steps, state round trips, device-side
-// gradients, evaluation, and the out-of-memory error. Skips visibly without a device.
+// gradients, evaluation, place_state declining, and the out-of-memory error. Skips visibly
+// without a device.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -111,6 +112,22 @@ TEST_P(CudaReplicaTest, UploadedStateIsWhatTheDeviceUses) {
   const float loss_gpu = gpu->compute_gradients(b.x.data(), b.y.data(), 8);
   const float loss_cpu = cpu->compute_gradients(b.x.data(), b.y.data(), 8);
   EXPECT_NEAR(loss_gpu, loss_cpu, 1e-4 * std::fabs(loss_cpu) + 1e-5);
+}
+
+// The state lives on the device: place_state declines and the host mirror stays where it was.
+TEST_P(CudaReplicaTest, PlaceStateDeclinesAndChangesNothing) {
+  const models::ModelSpec spec = spec_for(GetParam());
+  std::unique_ptr<Replica> gpu = make_replica("cuda", spec, 8, 1, hyper_, 0);
+  gpu->download_state();
+  const auto before = gpu->host_state();
+  const std::vector<float> params_before(before[0].begin(), before[0].end());
+  std::vector<float> params(gpu->n_params(), -7.0f), velocity(gpu->n_params(), -7.0f);
+  EXPECT_FALSE(gpu->place_state(params, velocity));
+  EXPECT_EQ(gpu->host_state()[0].data(), before[0].data());
+  EXPECT_EQ(gpu->host_state()[1].data(), before[1].data());
+  EXPECT_EQ(params.front(), -7.0f) << "place_state wrote the storage it declined";
+  gpu->download_state();
+  expect_close(gpu->host_state()[0], params_before, 0, 0, "parameters after place_state");
 }
 
 // GradientLocation::kDevice (NCCL): the gradient stays on the device and is applied from there.

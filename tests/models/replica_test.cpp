@@ -1,21 +1,24 @@
 // The Replica without a GPU: the CPU replica reproduces models::Model + SgdOptimizer bit for bit,
-// make_replica's argument and no-CUDA/no-device errors, and the GPU exchange choice.
+// also with its state and gradient placed in caller storage; make_replica's argument and
+// no-CUDA/no-device errors, and the GPU exchange choice.
 #include "runtime/replica.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "base/error.h"
 #include "base/random.h"
 #include "runtime/optimizer.h"
+#include "tests/models/replica_test_util.h"
 
 #ifdef RESYNC_WITH_CUDA
 #include "kernels/cuda/context.h"
-#include "tests/models/replica_test_util.h"
 #endif
 
 namespace resync::runtime {
@@ -93,6 +96,25 @@ TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
   EXPECT_EQ(actual.count, 5u);
 }
 
+// A repaired step computes its gradient again over the partial sum a failed all-reduce left in
+// the buffer (runtime/train_sync.cpp): that must give the same bits as the first time.
+TEST_P(CpuReplicaTest, ComputingAGradientAgainOverAPartialSumGivesTheSameBits) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const kernels::SgdHyper hyper{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-4f};
+  std::unique_ptr<Replica> replica = make_replica("cpu", spec, 6, 5, hyper, 0);
+  const Batch warm = seeded_batch(spec, 6, 40);
+  replica->compute_gradients(warm.x.data(), warm.y.data(), 6);
+  replica->apply_gradients(1.0f);  // momentum and parameters away from their initial values
+  const Batch b = seeded_batch(spec, 6, 41);
+  const float loss = replica->compute_gradients(b.x.data(), b.y.data(), 6);
+  const std::vector<float> first(replica->gradient_buffer().begin(),
+                                 replica->gradient_buffer().end());
+  for (float& g : replica->gradient_buffer()) g = g * 3.0f + 1.0f;  // a partial sum
+  const float again = replica->compute_gradients(b.x.data(), b.y.data(), 6);
+  EXPECT_EQ(bits_of(again), bits_of(loss));
+  expect_same_bits(replica->gradient_buffer(), first, "gradient computed again");
+}
+
 // On the CPU the host views are the live state: a catch-up writes them and the next step uses it.
 TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
   const models::ModelSpec spec = small_spec(GetParam());
@@ -116,6 +138,104 @@ TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
   b->apply_gradients(1.0f);
   expect_same_bits(b->host_state()[0], a->host_state()[0], "parameters after catch-up");
   expect_same_bits(b->host_state()[1], a->host_state()[1], "velocity after catch-up");
+}
+
+// The straggler-mode layout: state and gradient in one window, placed before training (gradient
+// first, as the all-reducer does) or after a step (state first); either way, no bit changes and
+// host_state() is the window.
+TEST_P(CpuReplicaTest, PlacedStateTrainsBitIdenticallyAndHostStateIsTheStorage) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const kernels::SgdHyper hyper{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-4f};
+  const size_t max_batch = 5;
+  for (const int at_step : {0, 1}) {
+    const std::string what = GetParam() + ", placed before step " + std::to_string(at_step);
+    std::unique_ptr<Replica> reference = make_replica("cpu", spec, max_batch, 3, hyper, 0);
+    std::unique_ptr<Replica> placed = make_replica("cpu", spec, max_batch, 3, hyper, 0);
+    const size_t n = placed->n_params();
+    // [params][pad][velocity][pad][gradient][pad], pads poisoned to catch stray writes.
+    std::vector<float> window(3 * n + 3, -7.0f);
+    const std::span<float> params = std::span(window).first(n);
+    const std::span<float> velocity = std::span(window).subspan(n + 1, n + 1);
+    const std::span<float> grads = std::span(window).subspan(2 * n + 2, n);
+    for (int step = 0; step < 4; ++step) {
+      if (step == at_step) {
+        if (at_step == 0) {
+          ASSERT_TRUE(placed->place_gradients(grads)) << what;
+        }
+        ASSERT_TRUE(placed->place_state(params, velocity)) << what;
+        if (at_step != 0) {
+          ASSERT_TRUE(placed->place_gradients(grads)) << what;
+        }
+      }
+      const Batch b = seeded_batch(spec, max_batch, 200 + step);
+      const float expected_loss = reference->compute_gradients(b.x.data(), b.y.data(), max_batch);
+      const float loss = placed->compute_gradients(b.x.data(), b.y.data(), max_batch);
+      ASSERT_EQ(bits_of(loss), bits_of(expected_loss))
+          << what << ", step " << step << ": expected loss " << expected_loss << " actual " << loss;
+      reference->apply_gradients(0.5f);
+      placed->apply_gradients(0.5f);
+    }
+    const auto state = placed->host_state();
+    EXPECT_EQ(state[0].data(), params.data()) << what << ": parameters are not in the storage";
+    EXPECT_EQ(state[1].data(), velocity.data()) << what << ": velocity is not in the storage";
+    ASSERT_EQ(state[0].size(), n) << what;
+    ASSERT_EQ(state[1].size(), n) << what;
+    EXPECT_EQ(placed->gradient_buffer().data(), grads.data()) << what;
+    expect_same_bits(params, reference->host_state()[0], what + ": parameters");
+    expect_same_bits(velocity.first(n), reference->host_state()[1], what + ": velocity");
+    EXPECT_EQ(window[n], -7.0f) << what << ": wrote past the parameters";
+    EXPECT_EQ(window[2 * n + 1], -7.0f) << what << ": wrote past the velocity";
+    EXPECT_EQ(window.back(), -7.0f) << what << ": wrote past the gradient";
+
+    // A catch-up writes the storage (here: a fresh replica's state, zero velocity): the next
+    // step starts from what was written.
+    std::unique_ptr<Replica> fresh = make_replica("cpu", spec, max_batch, 4, hyper, 0);
+    std::copy(fresh->host_state()[0].begin(), fresh->host_state()[0].end(), params.begin());
+    std::fill(velocity.begin(), velocity.end() - 1, 0.0f);
+    const Batch b = seeded_batch(spec, max_batch, 300);
+    const float loss_fresh = fresh->compute_gradients(b.x.data(), b.y.data(), max_batch);
+    const float loss_placed = placed->compute_gradients(b.x.data(), b.y.data(), max_batch);
+    EXPECT_EQ(bits_of(loss_placed), bits_of(loss_fresh))
+        << what << ": a write to the parameter storage did not reach the model";
+    fresh->apply_gradients(1.0f);
+    placed->apply_gradients(1.0f);
+    expect_same_bits(params, fresh->host_state()[0], what + ": parameters after catch-up");
+    expect_same_bits(velocity.first(n), fresh->host_state()[1], what + ": velocity after catch-up");
+  }
+}
+
+// A rejected placement leaves the state where it was.
+TEST_P(CpuReplicaTest, PlaceStateRejectsSmallOrOverlappingStorage) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  std::unique_ptr<Replica> r = make_replica("cpu", spec, 4, 1, {}, 0);
+  const size_t n = r->n_params();
+  const auto before = r->host_state();
+  const std::vector<float> params_before(before[0].begin(), before[0].end());
+  std::vector<float> window(3 * n);
+  const std::span<float> a = std::span(window).first(n);
+  const std::span<float> b = std::span(window).subspan(n, n);
+  const std::span<float> c = std::span(window).subspan(2 * n, n);
+  EXPECT_THROW(r->place_state(a, b.first(n - 1)), InvalidArgument) << "velocity too small";
+  EXPECT_THROW(r->place_state(a.first(n - 1), b), InvalidArgument) << "parameters too small";
+  EXPECT_THROW(r->place_state(a, std::span(window).subspan(n - 1, n)), InvalidArgument)
+      << "parameters and velocity overlap";
+  ASSERT_TRUE(r->place_gradients(c));
+  EXPECT_THROW(r->place_state(a, std::span(window).subspan(n + 1, n)), InvalidArgument)
+      << "velocity overlaps the gradient";
+  EXPECT_THROW(r->place_state(std::span(window).subspan(n + 1, n), a), InvalidArgument)
+      << "parameters overlap the gradient";
+  const auto after = r->host_state();
+  EXPECT_EQ(after[0].data(), before[0].data()) << "a rejected placement moved the parameters";
+  EXPECT_EQ(after[1].data(), before[1].data()) << "a rejected placement moved the velocity";
+  expect_same_bits(after[0], params_before, "parameters after rejected placements");
+
+  ASSERT_TRUE(r->place_state(a, b));
+  // Swapping the halves in one call would overwrite one with the other.
+  EXPECT_THROW(r->place_state(b, a), InvalidArgument) << "halves swapped";
+  EXPECT_THROW(r->place_gradients(b), InvalidArgument) << "gradient onto the velocity";
+  expect_same_bits(r->host_state()[0], params_before, "parameters after placement");
+  EXPECT_EQ(r->host_state()[0].data(), a.data());
+  EXPECT_EQ(r->host_state()[1].data(), b.data());
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CpuReplicaTest, ::testing::Values("mlp", "cnn"));
