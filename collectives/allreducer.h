@@ -90,6 +90,9 @@ class Allreducer {
   // Whether the shared-memory window exists, and the ranks it spans (1 without it).
   bool has_shm() const { return shm_ != nullptr; }
   int node_size() const { return shm_ ? shm_->node_size() : 1; }
+  // The shared-memory all-reducer itself (e.g. for a ShmStateBoard over its shared buffers);
+  // nullptr without shared memory. Owned by this Allreducer.
+  ShmAllreduce* shm() const { return shm_.get(); }
   // One line for the start-up log: paths available and thresholds.
   std::string describe() const;
 

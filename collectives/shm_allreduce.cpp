@@ -92,6 +92,9 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   uint64_t* my_words = segments_[node_rank].words;
   store(set_word(my_words, 0), 0, std::memory_order_relaxed);
   store(set_word(my_words, 1), 0, std::memory_order_relaxed);
+  // Version 0 of our state; the barrier below publishes it with the rest of the segment.
+  store(state_word(my_words), 0, std::memory_order_relaxed);
+  store(state_version_word(my_words), 0, std::memory_order_relaxed);
   // Touch our own blocks now, so no call pays for page faults.
   std::memset(segments_[node_rank].data, 0, blocks_bytes + direct_elems_ * sizeof(float));
   RESYNC_CHECK_MPI(MPI_Win_sync(win_));
@@ -122,6 +125,16 @@ bool ShmAllreduce::in_shared_buffer(std::span<const float> data) const {
   const float* begin = segments_[node_rank()].direct;
   return !data.empty() && data.data() >= begin &&
          data.data() + data.size() <= begin + direct_elems_;
+}
+
+std::span<float> ShmAllreduce::shared_buffer_of(int rank) const {
+  const int l = rank >= 0 && rank < static_cast<int>(local_of_.size()) ? local_of_[rank] : -1;
+  return l < 0 ? std::span<float>() : std::span<float>(segments_[l].direct, direct_elems_);
+}
+
+uint64_t* ShmAllreduce::state_word_of(int rank) const {
+  const int l = rank >= 0 && rank < static_cast<int>(local_of_.size()) ? local_of_[rank] : -1;
+  return l < 0 ? nullptr : state_word(segments_[l].words);
 }
 
 bool ShmAllreduce::covers(std::span<const int> participants) const {

@@ -80,6 +80,16 @@ class ShmAllreduce {
   std::span<float> shared_buffer() const { return {segments_[node_rank()].direct, direct_elems_}; }
   bool in_shared_buffer(std::span<const float> data) const;
 
+  // For ShmStateBoard, which keeps each rank's training state in its shared buffer and lets
+  // peers copy it one-sided. Context rank `rank`'s shared buffer (every rank of the node has
+  // options.direct_elems floats; empty if `rank` is on another node), and the version word of
+  // the state kept there (shm::state_word of its control page; nullptr if on another node).
+  std::span<float> shared_buffer_of(int rank) const;
+  uint64_t* state_word_of(int rank) const;
+  int rank() const { return ctx_.rank(); }
+  // How long a waiting rank spins before it yields, in nanoseconds (0: yields at once).
+  long spin_ns() const { return spin_ns_; }
+
   // Zero-copy bandwidth path for data inside shared_buffer() (on every participant, anywhere
   // in it): each participant reduces its chunk in place straight from the others' buffers and
   // copies their reduced chunks, with no staging copy. Returns once every participant has

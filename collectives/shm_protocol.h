@@ -57,6 +57,15 @@ inline uint64_t* count_word(uint64_t* words, int set) { return words + set * kWo
 inline uint64_t* kind_word(uint64_t* words, int set) { return words + set * kWordStride + 2; }
 inline uint64_t* offset_word(uint64_t* words, int set) { return words + set * kWordStride + 3; }
 
+// Line 2 of the control page (lines 0 and 1 are the sets'): the training state the owner keeps
+// in its shared buffer (ShmStateBoard), written only by the owner. A seqlock: the sequence word
+// is even while the state is stable and odd while the owner rewrites it, and only grows; beside
+// it, the version (training step) of the state last published. Both 0 from window creation on.
+constexpr int kStateLine = 2;
+inline uint64_t* state_word(uint64_t* words) { return words + kStateLine * kWordStride; }
+inline uint64_t* state_version_word(uint64_t* words) { return state_word(words) + 1; }
+static_assert((kStateLine + 1) * kLineBytes <= kControlBytes);
+
 inline const char* kind_name(uint64_t kind) {
   switch (kind) {
     case 1:
