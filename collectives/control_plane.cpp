@@ -21,7 +21,7 @@ namespace resync::collectives {
 std::vector<int> StepOrder::late_ranks_served_by(int rank) const {
   std::vector<int> late;
   for (const CatchUp& c : catchups) {
-    if (c.donor_rank == rank) late.push_back(c.late_rank);
+    if (c.donor_rank == rank && !c.shared) late.push_back(c.late_rank);
   }
   return late;
 }
@@ -61,6 +61,7 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
     StepOrder order = common;
     order.kind = OrderKind::kCatchUp;
     order.donor = c.donor_rank;
+    order.shared = c.shared;
     orders.emplace_back(c.late_rank, std::move(order));
   }
   std::sort(orders.begin(), orders.end(),
@@ -69,19 +70,18 @@ std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round) {
 }
 
 std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early) {
-  StepOrder serve;
-  serve.kind = OrderKind::kServe;
-  serve.step = early.step;
-  serve.early = true;
-  serve.velocity_only = early.velocity_only;
-  serve.catchups = {{early.late_rank, early.donor_rank}};
   StepOrder catch_up;
   catch_up.kind = OrderKind::kCatchUp;
   catch_up.step = early.step;
   catch_up.early = true;
   catch_up.velocity_only = early.velocity_only;
+  catch_up.shared = early.shared;
   catch_up.donor = early.donor_rank;
-  catch_up.catchups = serve.catchups;
+  catch_up.catchups = {{early.late_rank, early.donor_rank, early.shared}};
+  if (early.shared) return {{early.late_rank, std::move(catch_up)}};
+  StepOrder serve = catch_up;
+  serve.kind = OrderKind::kServe;
+  serve.donor = -1;
   return {{early.donor_rank, std::move(serve)}, {early.late_rank, std::move(catch_up)}};
 }
 
@@ -236,6 +236,7 @@ constexpr uint8_t kFlagStop = 2;
 constexpr uint8_t kFlagTimedOut = 4;
 constexpr uint8_t kFlagEarly = 8;
 constexpr uint8_t kFlagVelocityOnly = 16;
+constexpr uint8_t kFlagShared = 32;
 
 void write_order(Writer& w, const StepOrder& o) {
   w.u8(static_cast<uint8_t>(o.kind));
@@ -243,7 +244,8 @@ void write_order(Writer& w, const StepOrder& o) {
   w.u32(o.attempt);
   w.u8(static_cast<uint8_t>((o.final_round ? kFlagFinal : 0) | (o.stop ? kFlagStop : 0) |
                             (o.timed_out ? kFlagTimedOut : 0) | (o.early ? kFlagEarly : 0) |
-                            (o.velocity_only ? kFlagVelocityOnly : 0)));
+                            (o.velocity_only ? kFlagVelocityOnly : 0) |
+                            (o.shared ? kFlagShared : 0)));
   w.u32(static_cast<uint32_t>(o.donor));
   w.u32(static_cast<uint32_t>(o.participants.size()));
   for (int p : o.participants) w.u32(static_cast<uint32_t>(p));
@@ -253,6 +255,7 @@ void write_order(Writer& w, const StepOrder& o) {
   for (const CatchUp& c : o.catchups) {
     w.u32(static_cast<uint32_t>(c.late_rank));
     w.u32(static_cast<uint32_t>(c.donor_rank));
+    w.u8(c.shared ? 1 : 0);
   }
 }
 
@@ -273,6 +276,7 @@ StepOrder read_order(Reader& r) {
   o.timed_out = (flags & kFlagTimedOut) != 0;
   o.early = (flags & kFlagEarly) != 0;
   o.velocity_only = (flags & kFlagVelocityOnly) != 0;
+  o.shared = (flags & kFlagShared) != 0;
   o.donor = static_cast<int>(static_cast<int32_t>(r.u32()));
   const size_t n_participants = r.count(4);
   o.participants.reserve(n_participants);
@@ -280,12 +284,13 @@ StepOrder read_order(Reader& r) {
   const size_t n_passive = r.count(4);
   o.passive.reserve(n_passive);
   for (size_t i = 0; i < n_passive; ++i) o.passive.push_back(r.rank());
-  const size_t n_catchups = r.count(8);
+  const size_t n_catchups = r.count(9);
   o.catchups.reserve(n_catchups);
   for (size_t i = 0; i < n_catchups; ++i) {
     CatchUp c;
     c.late_rank = r.rank();
     c.donor_rank = r.rank();
+    c.shared = r.u8() != 0;
     o.catchups.push_back(c);
   }
   return o;

@@ -64,12 +64,17 @@ struct StepOrder {
   // Early catch-up of a rank one step behind: only the optimizer state (velocity) travels; the
   // late rank recomputes the parameters from it (kernels::sgd_apply_velocity).
   bool velocity_only = false;
+  // kCatchUp from a donor on this rank's node (CatchUp::shared): copy the donor's state out of
+  // shared memory once the donor has published it (the state of step `step`, or `step` + 1
+  // after a regular round); nothing is sent.
+  bool shared = false;
 
   // Every rank of this round's all-reduce (participants and passive members), ascending, into
   // `out` (cleared first; its capacity is reused, so a step allocates nothing).
   void allreduce_members(std::vector<int>& out) const;
   bool is_passive(int rank) const;
-  // Late ranks that `rank` sends its state to after this round, ascending.
+  // Late ranks that `rank` sends its state to after this round (not the shared ones, which
+  // copy it themselves), ascending.
   std::vector<int> late_ranks_served_by(int rank) const;
   bool operator==(const StepOrder&) const = default;
 };
@@ -78,8 +83,8 @@ struct StepOrder {
 // per late rank (kCatchUp) except those in round.ordered_before, ascending by rank.
 std::vector<std::pair<int, StepOrder>> orders_for(const ClosedRound& round);
 
-// The two orders of an early catch-up, as (rank, order): kServe to the donor, kCatchUp to the
-// late rank.
+// The orders of an early catch-up, as (rank, order): kServe to the donor (unless shared), kCatchUp
+// to the late rank.
 std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early);
 
 // The sequence number of the state transfer an order calls for (the same on both sides):
@@ -152,7 +157,8 @@ enum class MsgType : uint8_t {
 };
 
 inline constexpr uint32_t kMagic = 0x52535943;  // "RSYC"
-inline constexpr uint16_t kVersion = 3;  // 2: BUSY, FAILED, attempt; 3: early catch-up
+inline constexpr uint16_t kVersion = 4;  // 2: BUSY, FAILED, attempt; 3: early catch-up;
+                                         // 4: shared catch-ups
 inline constexpr size_t kFrameHeaderBytes = 4;
 inline constexpr size_t kMaxFrameBytes = size_t{4} << 20;  // a PLAN for ~500k ranks
 inline constexpr size_t kMaxHelloBytes = 1024;             // what an unknown peer may send

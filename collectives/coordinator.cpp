@@ -53,6 +53,16 @@ void CoordinatorConfig::validate() const {
                                kMaxTimeoutMs, repair_window_ms));
   check_seconds(stall_warning_s, "--stall-warning-s");
   check_seconds(stall_abort_s, "--stall-abort-s");
+  RESYNC_CHECK_ARG(shared_state_node.empty() ||
+                       shared_state_node.size() == static_cast<size_t>(world_size),
+                   fmt::format("coordinator: {} shared-state node ids for {} ranks",
+                               shared_state_node.size(), world_size));
+}
+
+bool CoordinatorConfig::share_state(int a, int b) const {
+  if (shared_state_node.empty()) return false;
+  const int node = shared_state_node[static_cast<size_t>(a)];
+  return node >= 0 && node == shared_state_node[static_cast<size_t>(b)];
 }
 
 Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : config_(config) {
@@ -422,9 +432,10 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
   }
   std::sort(late.begin(), late.end());
   for (int late_rank : late) {
-    const int donor = round.participants[donor_cursor_++ % round.participants.size()];
-    RESYNC_CHECK(donor != late_rank, fmt::format("rank {} chosen as its own donor", late_rank));
-    round.catchups.push_back({late_rank, donor});
+    bool shared = false;
+    const int donor = pick_donor(round.participants, late_rank, &shared);
+    RESYNC_CHECK(donor >= 0, fmt::format("no donor for rank {}", late_rank));
+    round.catchups.push_back({late_rank, donor, shared});
   }
 
   if (final_round_) {
@@ -457,24 +468,72 @@ void Coordinator::close_round(bool timed_out, Decisions& out) {
 }
 
 void Coordinator::catch_up_early(Decisions& out) {
-  // Donors must hold the state of the open step: ranks that sent READY(open step) and wait. A
-  // pending repair means the last round may not have completed: leave late ranks to it.
-  if (!config_.early_catch_up || late_.empty() || ready_.empty() || final_round_ ||
-      repair_deadline_ || finished_ || aborted_) {
+  // Donors must hold the state of the open step, now or after their update. A pending repair
+  // means the last round may not have completed: leave late ranks to it.
+  if (!config_.early_catch_up || late_.empty() || final_round_ || repair_deadline_ ||
+      finished_ || aborted_) {
     return;
   }
+  std::vector<int> holders;
+  if (!config_.shared_state_node.empty()) holders_of_open_step(holders);
+  std::vector<int> still_late;
   for (int late_rank : late_) {
-    const int donor = ready_[donor_cursor_++ % ready_.size()];
-    RESYNC_CHECK(donor != late_rank, fmt::format("rank {} chosen as its own donor", late_rank));
+    bool shared = false;
+    int donor = -1;
+    if (!config_.shared_state_node.empty()) {
+      donor = pick_donor(holders, late_rank, &shared);
+      if (!shared) donor = -1;
+    }
+    // Otherwise only a rank waiting for its order can send its state now.
+    if (donor < 0) donor = pick_donor(ready_, late_rank, &shared);
+    if (donor < 0) {
+      still_late.push_back(late_rank);
+      continue;
+    }
     const auto r = static_cast<size_t>(late_rank);
     state_[r] = RankState::kWorking;
     next_step_[r] = open_step_;
     early_step_[r] = open_step_;
     superseded_[r] = false;
-    const bool velocity_only = late_holds_[r] != kNoStep && late_holds_[r] + 1 == open_step_;
-    out.early.push_back({open_step_, late_rank, donor, velocity_only});
+    const bool velocity_only =
+        !shared && late_holds_[r] != kNoStep && late_holds_[r] + 1 == open_step_;
+    out.early.push_back({open_step_, late_rank, donor, velocity_only, shared});
   }
-  late_.clear();
+  late_ = std::move(still_late);
+}
+
+void Coordinator::holders_of_open_step(std::vector<int>& out) const {
+  out = ready_;
+  if (!last_round_ || last_round_->final_round || last_round_->step + 1 != open_step_) return;
+  for (const auto* members : {&last_round_->participants, &last_round_->passive}) {
+    for (int rank : *members) {
+      const auto r = static_cast<size_t>(rank);
+      // A member still working on the open step (or busy in it) holds or is about to hold the
+      // state; one queued as late, failed or from an abandoned attempt does not.
+      const bool holds = (state_[r] == RankState::kWorking || state_[r] == RankState::kBusy) &&
+                         next_step_[r] == open_step_ && early_step_[r] == kNoStep &&
+                         !superseded_[r];
+      if (holds) out.push_back(rank);
+    }
+  }
+}
+
+int Coordinator::pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared) {
+  *shared = false;
+  const size_t n = candidates.size();
+  if (n == 0) return -1;
+  const size_t start = donor_cursor_++;
+  int fallback = -1;
+  for (size_t k = 0; k < n; ++k) {
+    const int donor = candidates[(start + k) % n];
+    if (donor == late_rank) continue;
+    if (config_.share_state(donor, late_rank)) {
+      *shared = true;
+      return donor;
+    }
+    if (fallback < 0) fallback = donor;
+  }
+  return fallback;
 }
 
 void Coordinator::repair(Decisions& out) {
@@ -530,7 +589,10 @@ void Coordinator::repair(Decisions& out) {
   std::vector<int> late = late_;
   std::sort(late.begin(), late.end());
   for (int late_rank : late) {
-    round.catchups.push_back({late_rank, failed[donor_cursor_++ % failed.size()]});
+    bool shared = false;
+    const int donor = pick_donor(failed, late_rank, &shared);
+    RESYNC_CHECK(donor >= 0, fmt::format("no donor for rank {}", late_rank));
+    round.catchups.push_back({late_rank, donor, shared});
     state_[static_cast<size_t>(late_rank)] = RankState::kWorking;
     next_step_[static_cast<size_t>(late_rank)] = t + 1;
     superseded_[static_cast<size_t>(late_rank)] = false;

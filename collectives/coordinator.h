@@ -29,33 +29,47 @@ struct CoordinatorConfig {
   bool early_catch_up = true;        // catch late ranks up during the open step (EarlyCatchUp)
   bool busy_ranks_join = true;       // busy ranks join the all-reduce with a zero gradient
                                      // (ClosedRound::passive) instead of being caught up
+  // Per rank, the node whose shared memory holds its training state (-1: none; empty: no rank
+  // has one). A late rank is preferably given a donor with the same node id: it then copies
+  // the donor's state itself (CatchUp::shared) and the donor does nothing.
+  std::vector<int> shared_state_node;
 
   // Throws resync::InvalidArgument naming the offending flag (--backup-workers,
   // --straggler-timeout-ms, --min-quorum, --stall-warning-s, --stall-abort-s, --ring-timeout-ms).
   void validate() const;
   // Gradients per step when every rank is responsive: W - b.
   int step_quorum() const { return world_size - backup_workers; }
+  // True if rank a can copy rank b's state out of shared memory (same node, both in it).
+  bool share_state(int a, int b) const;
 };
 
-// A late rank and the participant that sends it its full state after the closing step.
+// A late rank and the participant whose full state it takes after the closing step.
 struct CatchUp {
   int late_rank = -1;
   int donor_rank = -1;
+  // Same node (CoordinatorConfig::shared_state_node): the late rank copies the donor's state
+  // out of shared memory once the donor has published it; the donor sends nothing.
+  bool shared = false;
   bool operator==(const CatchUp&) const = default;
 };
 
 // A late rank caught up while the open step is still collecting READYs, instead of at its
-// close: `donor` sent READY(step), so it holds the state the late rank needs to compute `step`;
-// it sends that state now and goes on waiting for its order. Without this, a late rank could
-// not report before the next close, and that close would wait for every other rank, including
-// a slow one the backup workers were meant to skip.
+// close: it takes the state `donor` holds to compute `step` and then computes `step` itself.
+// Without this, a late rank could not report before the next close, and that close would wait
+// for every other rank, including a slow one the backup workers were meant to skip.
+// `shared`: the donor shares the late rank's node and holds that state or will after its update
+// of step - 1 (a member of that round); the late rank copies it out of shared memory.
+// Otherwise the donor sent READY(step), holds the state, sends it now (kServe) and goes on
+// waiting for its order.
 struct EarlyCatchUp {
   uint64_t step = 0;
   int late_rank = -1;
   int donor_rank = -1;
   // The late rank holds exactly the state of step - 1 (it reported READY/BUSY(step - 1)): the
-  // optimizer's new velocity is enough to recompute the parameters, half the bytes.
+  // optimizer's new velocity is enough to recompute the parameters, half the bytes. Never with
+  // `shared`, which copies the whole state at memory speed.
   bool velocity_only = false;
+  bool shared = false;
   bool operator==(const EarlyCatchUp&) const = default;
 };
 
@@ -109,8 +123,12 @@ struct Decisions {
 // queued as late. After a close or an abort, events about a finished job are ignored.
 //
 // Early catch-up: while the open step t collects READYs (and no repair is pending), a late rank
-// is not left waiting for the close: a rank that sent READY(t) sends it its state at once, and
-// the late rank then computes step t like everyone else (see EarlyCatchUp).
+// is not left waiting for the close: it copies the state of t from a rank on its node that has
+// it or is about to, or a rank that sent READY(t) sends it that state at once; the late rank
+// then computes step t like everyone else (see EarlyCatchUp).
+//
+// Donors: round-robin over the round's participants (early: over the candidates above),
+// preferring one on the late rank's node (CatchUp::shared).
 //
 // Ring repair: a participant of the last closed round t that reports FAILED(t) waits; if no
 // member of round t proves it completed (READY/BUSY/FINISH(t + 1)) within repair_window_ms, or
@@ -156,6 +174,12 @@ class Coordinator {
   void close_round(bool timed_out, Decisions& out);
   void repair(Decisions& out);
   void catch_up_early(Decisions& out);
+  // A donor for `late_rank` among `candidates` (round-robin): one sharing its node if any
+  // (*shared = true), else any other; -1 if there is none.
+  int pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared);
+  // Ranks that hold the open step's state or will once their update of the last round is done
+  // (for shared early catch-ups): READY(open step) first, then the last round's members.
+  void holders_of_open_step(std::vector<int>& out) const;
   // `holds_step`: the step whose state the rank holds exactly (its late READY/BUSY), or kNoStep.
   void make_late(int rank, uint64_t holds_step = kNoStep);
   // Checks a report of `step` from a rank in state kWorking; aborts (returns false) if invalid.

@@ -136,6 +136,10 @@ TEST(Wire, EveryMessageRoundTrips) {
   order.order.velocity_only = true;
   order.order.kind = OrderKind::kServe;
   EXPECT_EQ(round_trip(order).order, order.order) << "passive members, early, kServe";
+  order.order.kind = OrderKind::kCatchUp;
+  order.order.shared = true;
+  order.order.catchups = {{1, 3, true}, {2, 4, false}};
+  EXPECT_EQ(round_trip(order).order, order.order) << "shared catch-ups";
 
   wire::Message abort;
   abort.type = wire::MsgType::kAbort;

@@ -624,12 +624,14 @@ struct SimRank {
   bool finished = false;
 };
 
+// `nodes` > 0: ranks r and r + nodes share a node (CoordinatorConfig::shared_state_node).
 void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t seed,
-              bool early_catch_up = false, int* n_early = nullptr) {
-  SCOPED_TRACE(fmt::format("W={} b={} seed={} early={}", world_size, backup_workers, seed,
-                           early_catch_up));
+              bool early_catch_up = false, int* n_early = nullptr, int nodes = 0) {
+  SCOPED_TRACE(fmt::format("W={} b={} seed={} early={} nodes={}", world_size, backup_workers,
+                           seed, early_catch_up, nodes));
   CoordinatorConfig config = make_config(world_size, backup_workers);
   config.early_catch_up = early_catch_up;
+  for (int r = 0; nodes > 0 && r < world_size; ++r) config.shared_state_node.push_back(r % nodes);
   Coordinator c(config, kT0);
   std::vector<SimRank> ranks(static_cast<size_t>(world_size));
   std::mt19937 rng(seed);
@@ -677,6 +679,7 @@ void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t see
       for (const CatchUp& cu : r.catchups) {
         EXPECT_FALSE(seen.count(cu.late_rank)) << "rank " << cu.late_rank << " late and in P";
         EXPECT_TRUE(seen.count(cu.donor_rank)) << "donor " << cu.donor_rank << " not in P";
+        EXPECT_EQ(cu.shared, config.share_state(cu.late_rank, cu.donor_rank));
         SimRank& lr = ranks[static_cast<size_t>(cu.late_rank)];
         EXPECT_TRUE(lr.waiting) << "rank " << cu.late_rank << " caught up without reporting";
         lr.waiting = false;
@@ -689,8 +692,12 @@ void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t see
       EXPECT_TRUE(early_catch_up) << "early catch-up while switched off";
       EXPECT_EQ(e.step, c.open_step()) << "early catch-ups carry the open step's state";
       const SimRank& donor = ranks[static_cast<size_t>(e.donor_rank)];
-      EXPECT_TRUE(donor.waiting && donor.next_step == e.step)
+      // A shared donor may still be computing the step: it holds its state (published in
+      // shared memory) from its update of the last round on. Others must be waiting.
+      EXPECT_TRUE(donor.next_step == e.step && (donor.waiting || e.shared))
           << "donor " << e.donor_rank << " does not hold the state of step " << e.step;
+      EXPECT_EQ(e.shared, config.share_state(e.late_rank, e.donor_rank));
+      EXPECT_FALSE(e.shared && e.velocity_only);
       SimRank& lr = ranks[static_cast<size_t>(e.late_rank)];
       EXPECT_TRUE(lr.waiting) << "rank " << e.late_rank << " caught up without reporting";
       EXPECT_LT(lr.next_step, e.step) << "rank " << e.late_rank << " was not behind";
@@ -707,11 +714,12 @@ void simulate(int world_size, int backup_workers, uint64_t n_steps, uint32_t see
 }
 
 TEST(Coordinator, SimulatedTrainingOddAndEvenWorldSizes) {
+  for (int nodes : {0, 1, 2}) {
   for (bool early : {false, true}) {
     for (int w : {1, 2, 3, 4, 5}) {
       for (int b = 0; b < std::min(w, 3); ++b) {
         int n_early = 0;
-        for (uint32_t seed : {1u, 2u, 3u}) simulate(w, b, 40, seed, early, &n_early);
+        for (uint32_t seed : {1u, 2u, 3u}) simulate(w, b, 40, seed, early, &n_early, nodes);
         // The straggler falls behind when b >= 1; unless one READY closes a step (W - b = 1),
         // a rank waiting for the next step can then serve it early.
         if (early && b >= 1 && w - b >= 2) {
@@ -719,6 +727,7 @@ TEST(Coordinator, SimulatedTrainingOddAndEvenWorldSizes) {
         }
       }
     }
+  }
   }
 }
 
@@ -848,6 +857,103 @@ TEST(CoordinatorEarlyCatchUp, NotInTheFinalRound) {
   EXPECT_TRUE(r.final_round);
   ASSERT_EQ(r.catchups.size(), 1u);
   EXPECT_EQ(r.catchups[0].late_rank, 2);
+}
+
+// ---- catch-ups through shared memory -----------------------------------------------------
+
+CoordinatorConfig shared_config(std::vector<int> nodes, int backup_workers, bool early) {
+  CoordinatorConfig c = make_config(static_cast<int>(nodes.size()), backup_workers);
+  c.early_catch_up = early;
+  c.shared_state_node = std::move(nodes);
+  return c;
+}
+
+TEST(CoordinatorSharedCatchUp, ConfigNeedsOneNodePerRank) {
+  CoordinatorConfig c = shared_config({0, 0, 0}, 1, true);
+  c.world_size = 4;
+  EXPECT_THROW(c.validate(), InvalidArgument);
+  c.shared_state_node = {0, 0, -1, 1};
+  EXPECT_NO_THROW(c.validate());
+  EXPECT_TRUE(c.share_state(0, 1));
+  EXPECT_FALSE(c.share_state(1, 2)) << "rank 2's state is not in shared memory";
+  EXPECT_FALSE(c.share_state(2, 2));
+  EXPECT_FALSE(c.share_state(0, 3));
+}
+
+TEST(CoordinatorSharedCatchUp, LateRankCopiesAtOnceFromARankStillComputing) {
+  Coordinator c(shared_config({0, 0, 0, 0}, 1, true), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  // Nobody waits for step 1 yet, but ranks 0-2 will hold its state after their update: rank 3
+  // copies it out of shared memory instead of waiting for a rank to send it.
+  Decisions d = c.ready(3, 0, at_ms(5));
+  EXPECT_TRUE(d.closed.empty());
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0].step, 1u);
+  EXPECT_EQ(d.early[0].late_rank, 3);
+  EXPECT_TRUE(d.early[0].shared);
+  EXPECT_FALSE(d.early[0].velocity_only) << "a shared copy takes the whole state";
+  EXPECT_NE(d.early[0].donor_rank, 3);
+  // The donor gets no order: only the late rank does.
+  const auto orders = orders_for(d.early[0]);
+  ASSERT_EQ(orders.size(), 1u);
+  EXPECT_EQ(orders[0].first, 3);
+  EXPECT_EQ(orders[0].second.kind, OrderKind::kCatchUp);
+  EXPECT_TRUE(orders[0].second.shared && orders[0].second.early);
+  EXPECT_EQ(orders[0].second.donor, d.early[0].donor_rank);
+  // Rank 3 counts towards step 1 like everyone else.
+  EXPECT_TRUE(c.ready(1, 1, at_ms(9)).empty());
+  EXPECT_TRUE(c.ready(2, 1, at_ms(10)).empty());
+  ClosedRound r = only_close(c.ready(3, 1, at_ms(12)));
+  EXPECT_EQ(r.participants, (std::vector<int>{1, 2, 3}));
+}
+
+TEST(CoordinatorSharedCatchUp, DonorsArePickedOnTheLateRanksNode) {
+  // Two nodes: {0, 1} and {2, 3}. Catch-ups at the close (early catch-up off).
+  Coordinator c(shared_config({0, 0, 1, 1}, 2, false), kT0);
+  for (uint64_t step = 0; step < 6; step += 2) {
+    // Ranks 1 and 3 are late for `step` and caught up at the close of step + 1; the
+    // participants are ranks 0 and 2, and round-robin alone would give rank 3 donor 0 sometimes.
+    only_close(all_ready(c, {0, 2}, step, at_ms(10 * step)));
+    EXPECT_TRUE(c.ready(1, step, at_ms(10 * step + 5)).empty());
+    EXPECT_TRUE(c.ready(3, step, at_ms(10 * step + 6)).empty());
+    ClosedRound r = only_close(all_ready(c, {0, 2}, step + 1, at_ms(10 * step + 7)));
+    ASSERT_EQ(r.catchups.size(), 2u) << "step " << step + 1;
+    EXPECT_EQ(r.catchups[0], (CatchUp{1, 0, true})) << "step " << step + 1;
+    EXPECT_EQ(r.catchups[1], (CatchUp{3, 2, true})) << "step " << step + 1;
+    // Donors serve nobody themselves; the late ranks' orders say shared.
+    for (const auto& [rank, order] : orders_for(r)) {
+      if (order.kind == OrderKind::kCatchUp) {
+        EXPECT_TRUE(order.shared) << "rank " << rank;
+      } else {
+        EXPECT_TRUE(order.late_ranks_served_by(rank).empty()) << "rank " << rank;
+      }
+    }
+  }
+}
+
+TEST(CoordinatorSharedCatchUp, NoDonorOnTheNodeFallsBackToASentState) {
+  // Rank 2 is alone on its node: it waits for a rank that can send it the state of step 1.
+  Coordinator c(shared_config({0, 0, 1}, 1, true), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  EXPECT_TRUE(c.ready(2, 0, at_ms(1)).empty());
+  Decisions d = c.ready(1, 1, at_ms(2));
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0],
+            (EarlyCatchUp{.step = 1, .late_rank = 2, .donor_rank = 1, .velocity_only = true}));
+  EXPECT_EQ(orders_for(d.early[0]).size(), 2u) << "kServe to the donor, kCatchUp to rank 2";
+}
+
+TEST(CoordinatorSharedCatchUp, FailedSharedCopyIsRetriedWithTheFullState) {
+  Coordinator c(shared_config({0, 0, 0}, 1, true), kT0);
+  only_close(all_ready(c, {0, 1}, 0, at_ms(0)));
+  Decisions d = c.ready(2, 0, at_ms(1));
+  ASSERT_EQ(d.early.size(), 1u);
+  // The donor moved past step 1 before rank 2 copied (or it timed out): FAILED(1).
+  d = c.failed(2, 1, at_ms(2));
+  EXPECT_FALSE(d.abort) << d.abort.value_or("");
+  ASSERT_EQ(d.early.size(), 1u) << "another shared copy of the open step's state";
+  EXPECT_TRUE(d.early[0].shared);
+  EXPECT_EQ(d.early[0].late_rank, 2);
 }
 
 TEST(Coordinator, OddWorldSizesCloseAtWMinusB) {
