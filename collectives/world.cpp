@@ -35,6 +35,15 @@ uint64_t sum_over_ranks(uint64_t value) {
   return sum;
 }
 
+std::vector<int> gather_from_ranks(int value) {
+  int world = 1;
+  RESYNC_CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &world));
+  std::vector<int> values(static_cast<size_t>(world));
+  RESYNC_CHECK_MPI(
+      MPI_Allgather(&value, 1, MPI_INT, values.data(), 1, MPI_INT, MPI_COMM_WORLD));
+  return values;
+}
+
 std::string broadcast_string(const std::string& text, int root) {
   int n_bytes = static_cast<int>(text.size());
   RESYNC_CHECK_MPI(MPI_Bcast(&n_bytes, 1, MPI_INT, root, MPI_COMM_WORLD));

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace resync::collectives {
 
@@ -16,6 +17,9 @@ bool all_ranks_equal(uint64_t value);
 
 // Sum of `value` over every rank, on every rank.
 uint64_t sum_over_ranks(uint64_t value);
+
+// Every rank's `value`, indexed by rank, on every rank.
+std::vector<int> gather_from_ranks(int value);
 
 // Rank `root`'s `text` on every rank.
 std::string broadcast_string(const std::string& text, int root);

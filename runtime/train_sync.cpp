@@ -24,6 +24,7 @@
 #include "collectives/nccl_allreduce.h"
 #endif
 #include "collectives/allreducer.h"
+#include "collectives/shm_state.h"
 #include "collectives/state_transfer.h"
 #include "collectives/tcp_control.h"
 #include "collectives/world.h"
@@ -54,7 +55,10 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world) {
+// `shared_state_node`: per rank, the node whose shared memory holds its state, or -1
+// (CoordinatorConfig::shared_state_node); empty at set-up, before the window exists.
+collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world,
+                                                  std::vector<int> shared_state_node = {}) {
   collectives::CoordinatorConfig c;
   c.world_size = world;
   c.backup_workers = cfg.backup_workers;
@@ -64,6 +68,7 @@ collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int wo
   c.stall_abort_s = cfg.stall_abort_s;
   c.repair_window_ms = cfg.ring_timeout_ms;
   c.early_catch_up = cfg.early_catch_up;
+  c.shared_state_node = std::move(shared_state_node);
   return c;
 }
 
@@ -260,6 +265,45 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       });
   Setup& s = *setup;
   Replica& replica = *s.replica;
+  const size_t n_params = replica.n_params();
+  // With backup workers or a timeout, a rank frozen inside the all-reduce must not stall the
+  // others: the ring gives up after --ring-timeout-ms and the step is repaired without it. Plain
+  // synchronous SGD waits for everyone, like MPI_Allreduce (the coordinator reports the stall).
+  const bool straggler_mode = cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0;
+
+  // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
+  collectives::MpiTransport transport;
+  collectives::Context ctx(transport);
+  // Shared memory among the ranks of a node, a latency-optimal path for small buffers, the
+  // pipelined ring otherwise; every path runs over the step's participants only. Each rank's
+  // part of the node's window holds its gradient and, with stragglers on the CPU, its state
+  // (parameters, velocity): a late rank copies that state itself (ShmStateBoard).
+  const bool state_in_shm = straggler_mode && replica.cuda_device() < 0;
+  collectives::Allreducer allreducer(
+      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024},
+            .shm = {.direct_elems = (state_in_shm ? 3 : 1) * n_params},
+            .max_elems = n_params});
+  ctx.set_timeout(straggler_mode ? std::chrono::milliseconds(cfg.ring_timeout_ms)
+                                 : std::chrono::milliseconds(std::chrono::hours(24 * 365)));
+  // The gradient exchange: resync's ring over the host gradient buffer (pinned on a GPU), or,
+  // for plain sync on GPUs with --collective nccl, NCCL over the device gradient.
+  std::unique_ptr<GradientExchangeOnDevice> nccl = make_device_exchange(cfg, replica, rank);
+  const std::span<float> shared = allreducer.shared_buffer();
+  if (!nccl && shared.size() >= n_params) replica.place_gradients(shared.first(n_params));
+  std::unique_ptr<collectives::ShmStateBoard> board;
+  if (state_in_shm && allreducer.shm() != nullptr && shared.size() >= 3 * n_params &&
+      replica.place_state(shared.subspan(n_params, n_params),
+                          shared.subspan(2 * n_params, n_params))) {
+    board = std::make_unique<collectives::ShmStateBoard>(*allreducer.shm(), n_params,
+                                                         2 * n_params);
+  }
+  // Ranks with the same id copy each other's state: the lowest rank of the node.
+  int state_node = -1;
+  for (int r = 0; board && r < world && state_node < 0; ++r) {
+    if (board->covers(r)) state_node = r;
+  }
+  std::vector<int> shared_state_node = collectives::gather_from_ranks(state_node);
+
   // The host view of the state: on the CPU the live parameters and velocity; on a GPU a mirror,
   // refreshed (download_state) before it is read and sent back (upload_state) after a write.
   const std::array<std::span<float>, 2> state = replica.host_state();
@@ -268,16 +312,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const ResumePoint resumed = restore_checkpoint(s, params, velocity);
   if (!resumed.path.empty()) replica.upload_state();
   const uint64_t start_step = resumed.step;
-
-  // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
-  collectives::MpiTransport transport;
-  collectives::Context ctx(transport);
-  // Shared memory among the ranks of a node, a latency-optimal path for small buffers, the
-  // pipelined ring otherwise; every path runs over the step's participants only.
-  collectives::Allreducer allreducer(
-      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024},
-            .shm = {.direct_elems = replica.n_params()},
-            .max_elems = replica.n_params()});
+  // The state of a run starts as version 0; a resumed one is of its checkpoint's step (no peer
+  // reads it before the first step closes).
+  if (board && start_step > 0) {
+    board->begin_update();
+    board->publish(start_step);
+  }
   PhaseRecorder allreduce_phases(*timeline, kAttemptsPerStep);
   if (timeline->enabled()) allreducer.set_phase_observer(&allreduce_phases);
   ProgressReporter progress = make_progress_reporter(cfg, rank);
@@ -285,7 +325,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
     collectives::TcpServerOptions options;
-    options.coordinator = coordinator_config(cfg, world);
+    options.coordinator = coordinator_config(cfg, world, std::move(shared_state_node));
     coordinator = std::make_unique<collectives::TcpControlServer>(options);
   }
   const std::string endpoint =
@@ -311,21 +351,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     log->warn("{}", advice);
   }
 
-  // With backup workers or a timeout, a rank frozen inside the all-reduce must not stall the
-  // others: the ring gives up after --ring-timeout-ms and the step is repaired without it. Plain
-  // synchronous SGD waits for everyone, like MPI_Allreduce (the coordinator reports the stall).
-  const bool straggler_mode = cfg.backup_workers > 0 || cfg.straggler_timeout_ms > 0;
-  ctx.set_timeout(straggler_mode ? std::chrono::milliseconds(cfg.ring_timeout_ms)
-                                 : std::chrono::milliseconds(std::chrono::hours(24 * 365)));
-  // The gradient exchange: resync's ring over the host gradient buffer (pinned on a GPU), or,
-  // for plain sync on GPUs with --collective nccl, NCCL over the device gradient.
-  std::unique_ptr<GradientExchangeOnDevice> nccl = make_device_exchange(cfg, replica, rank);
-  // On a node, the gradient lives in the all-reducer's shared window: peers read it in place.
-  if (!nccl && allreducer.shared_buffer().size() >= replica.n_params()) {
-    replica.place_gradients(allreducer.shared_buffer());
-  }
   std::span<float> grads = replica.gradient_buffer();
-  std::vector<float> grad_backup(straggler_mode ? grads.size() : 0);  // for a repaired step
   const std::array<std::span<const float>, 2> state_out = {params, velocity};
   const std::array<std::span<float>, 2> state_in = {params, velocity};
   // A rank one step behind needs only the new velocity (StepOrder::velocity_only).
@@ -395,8 +421,27 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
                       uint64_t from_step) -> std::optional<uint64_t> {
     auto span = timeline->span("catch_up", static_cast<int64_t>(order.step), Lane::kTrain,
                                {"donor", order.donor});
+    if (order.shared) {
+      RESYNC_CHECK(board != nullptr, "a shared catch-up without a shared-memory state");
+      const uint64_t version = order.final_round || order.early ? order.step : order.step + 1;
+      board->begin_update();
+      if (!board->copy_from(order.donor, version, board->state(),
+                            std::chrono::milliseconds(cfg.ring_timeout_ms))) {
+        log->warn("catch-up from rank {}'s shared memory to step {} failed (it is {}); asking "
+                  "again",
+                  order.donor, version, board->published(order.donor));
+        return std::nullopt;  // the region stays marked as being written: nobody copies it
+      }
+      board->publish(version);
+      steps_skipped += version - from_step;
+      ++catch_ups;
+      log->debug("caught up from rank {} (shared memory): step {} -> {}", order.donor, from_step,
+                 version);
+      return version;
+    }
     collectives::StateHeader header;
     if (order.velocity_only) replica.download_state();  // the parameters it updates
+    if (board) board->begin_update();
     try {
       if (order.velocity_only) {
         collectives::recv_state(ctx, order.donor, collectives::state_sequence(order), header,
@@ -417,6 +462,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       return std::nullopt;
     }
     replica.upload_state();
+    if (board) board->publish(header.step);
     steps_skipped += header.step - from_step;
     ++catch_ups;
     log->debug("caught up from rank {}: step {} -> {}", order.donor, from_step, header.step);
@@ -507,15 +553,18 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
         order = control->failed(order.step);
         continue;
       }
-      // Gradient exchange over the participants only (a retry starts from the own gradient). A
-      // busy rank joins with a zero gradient: the sum is the participants', and it ends the
-      // step with everyone's state without a catch-up.
+      // Gradient exchange over the participants only. A busy rank joins with a zero gradient:
+      // the sum is the participants', and it ends the step with everyone's state without a
+      // catch-up. A retry (repair) finds a partial sum in the buffer, summed in place: it
+      // computes the gradient again, to the bit the same (same parameters, same batch), rather
+      // than every step paying for a copy kept against so rare an event.
       const bool passive = order.is_passive(rank);
-      if (passive && order.attempt == 0) std::fill(grads.begin(), grads.end(), 0.0f);
-      if (order.attempt > 0) {
-        std::copy(grad_backup.begin(), grad_backup.end(), grads.begin());
-      } else if (straggler_mode) {
-        std::copy(grads.begin(), grads.end(), grad_backup.begin());
+      if (passive) {
+        std::fill(grads.begin(), grads.end(), 0.0f);
+      } else if (order.attempt > 0) {
+        auto span = timeline->span("compute", static_cast<int64_t>(order.step), Lane::kTrain,
+                                   {"attempt", static_cast<int64_t>(order.attempt)});
+        replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
       }
       try {
         auto span = timeline->span("allreduce", static_cast<int64_t>(order.step), Lane::kTrain,
@@ -550,7 +599,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
 
     // The averaged update, then the fresh state to the late ranks this rank serves.
+    if (board) board->begin_update();
     replica.apply_gradients(1.0f / float(std::max<size_t>(1, order.participants.size())));
+    if (board) board->publish(step + 1);
     serve_catchups(order, rec);
     rec.comm_ms = ms_since(t_comm);
 
