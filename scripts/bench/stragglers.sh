@@ -2,17 +2,21 @@
 # Straggler benchmark: mean and p99 step time of plain sync, sync with one backup worker and sync
 # with a straggler timeout, all under the same injected delays (one random rank per step sleeps a
 # heavy-tailed time), next to the no-delay baseline -- from one invocation, so the ratios are fair.
+# The modes run in turn, REPS rounds of them; each figure is the median over the rounds and the
+# ratio is the median of each round's ratio to that round's baseline (machines are noisy).
 #
-# Usage: scripts/bench/stragglers.sh [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS]
-#   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms
+# Usage: scripts/bench/stragglers.sh [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS] [-r REPS]
+#   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms, 3 rounds
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-ranks=4 steps=300 delay="one:lognormal:30:0.8" timeout_ms=10
-while getopts "n:s:d:t:" opt; do
+ranks=4 steps=300 delay="one:lognormal:30:0.8" timeout_ms=10 reps=3
+while getopts "n:s:d:t:r:" opt; do
   case $opt in
     n) ranks=$OPTARG ;; s) steps=$OPTARG ;; d) delay=$OPTARG ;; t) timeout_ms=$OPTARG ;;
-    *) echo "usage: $0 [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS]" >&2; exit 2 ;;
+    r) reps=$OPTARG ;;
+    *) echo "usage: $0 [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS] [-r REPS]" >&2
+       exit 2 ;;
   esac
 done
 
@@ -29,35 +33,44 @@ run() {  # name, extra flags...
     --metrics "$out/$name.jsonl" "$@"
 }
 
-run baseline
-run plain --inject-delay "$delay"
-run backup1 --inject-delay "$delay" --backup-workers 1
-run backup1_late --inject-delay "$delay" --backup-workers 1 --early-catch-up false
-run timeout --inject-delay "$delay" --straggler-timeout-ms "$timeout_ms"
+for ((rep = 0; rep < reps; ++rep)); do
+  run "baseline.$rep"
+  run "plain.$rep" --inject-delay "$delay"
+  run "backup1.$rep" --inject-delay "$delay" --backup-workers 1
+  run "backup1_late.$rep" --inject-delay "$delay" --backup-workers 1 --early-catch-up false
+  run "timeout.$rep" --inject-delay "$delay" --straggler-timeout-ms "$timeout_ms"
+done
 
-python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" <<'PY'
+python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" "$reps" <<'PY'
 import json, statistics, sys
-out, ranks, steps, delay, timeout_ms = sys.argv[1:]
+out, ranks, steps, delay, timeout_ms, reps = sys.argv[1:]
+reps = int(reps)
+
 def load(name):
     rows = [json.loads(l) for l in open(f"{out}/{name}.jsonl")]
     st = [r for r in rows if r["event"] == "step"][5:]  # skip warm-up
-    return st, rows[-1]
-base_steps, _ = load("baseline")
-base = 1000 * (base_steps[-1]["elapsed_s"] - base_steps[0]["elapsed_s"]) / (
-    base_steps[-1]["step"] - base_steps[0]["step"])
-print(f"{ranks} ranks, {steps} steps, mlp 784-512-512-10, batch 64/rank, --inject-delay {delay}")
-print(f"{'mode':<28}{'mean ms':>10}{'p99 ms':>10}{'x baseline':>12}{'dropped':>10}{'catch-ups':>11}")
-for name, label in [("baseline", "no delay (plain sync)"), ("plain", "plain sync"),
-                    ("backup1", "sync, --backup-workers 1"),
-                    ("backup1_late", "  same, no early catch-up"),
-                    ("timeout", f"sync, timeout {timeout_ms} ms")]:
-    st, summ = load(name)
     # Wall-clock time per step on rank 0, also across steps it missed while catching up.
     ms = sorted(1000 * (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
                 for a, b in zip(st, st[1:]))
     mean = 1000 * (st[-1]["elapsed_s"] - st[0]["elapsed_s"]) / (st[-1]["step"] - st[0]["step"])
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
-    print(f"{label:<28}{mean:>10.2f}{p99:>10.2f}{mean / base:>12.2f}"
-          f"{summ['dropped_gradients']:>10}{summ['catch_ups']:>11}")
+    return mean, p99, rows[-1]
+
+base = [load(f"baseline.{k}")[0] for k in range(reps)]
+print(f"{ranks} ranks, {steps} steps, mlp 784-512-512-10, batch 64/rank, --inject-delay {delay}; "
+      f"median of {reps} rounds")
+print(f"{'mode':<28}{'mean ms':>10}{'p99 ms':>10}{'x baseline':>12}  {'per round':<20}"
+      f"{'dropped':>9}{'catch-ups':>11}")
+for name, label in [("baseline", "no delay (plain sync)"), ("plain", "plain sync"),
+                    ("backup1", "sync, --backup-workers 1"),
+                    ("backup1_late", "  same, no early catch-up"),
+                    ("timeout", f"sync, timeout {timeout_ms} ms")]:
+    runs = [load(f"{name}.{k}") for k in range(reps)]
+    ratios = [r[0] / b for r, b in zip(runs, base)]
+    print(f"{label:<28}{statistics.median(r[0] for r in runs):>10.2f}"
+          f"{statistics.median(r[1] for r in runs):>10.2f}{statistics.median(ratios):>12.2f}  "
+          f"{' '.join(f'{x:.2f}' for x in ratios):<20}"
+          f"{statistics.median(r[2]['dropped_gradients'] for r in runs):>9.0f}"
+          f"{statistics.median(r[2]['catch_ups'] for r in runs):>11.0f}")
 PY
 rm -rf "$out"
