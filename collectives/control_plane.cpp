@@ -101,6 +101,12 @@ void log_closed_round(const ClosedRound& round) {
   }
 }
 
+void log_early_catch_up(const EarlyCatchUp& early) {
+  log::get("coll")->debug("control: rank {} catches up early from rank {} at step {}{}",
+                          early.late_rank, early.donor_rank, early.step,
+                          early.shared ? " (shared memory)" : "");
+}
+
 // ---------------------------------------------------------------------------------------------
 // JobToken
 
@@ -411,8 +417,7 @@ struct LocalHubState {
       }
     }
     for (const EarlyCatchUp& early : d.early) {
-      log->debug("control: rank {} catches up early from rank {} at step {}", early.late_rank,
-                 early.donor_rank, early.step);
+      log_early_catch_up(early);
       for (auto& [rank, order] : orders_for(early)) {
         mailbox[static_cast<size_t>(rank)].push_back(std::move(order));
       }

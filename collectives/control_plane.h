@@ -94,6 +94,8 @@ uint64_t state_sequence(const StepOrder& order);
 // Logs a closed round on the "coll" logger (a re-closed step as a warning), the same way for
 // the TCP and the in-process control plane.
 void log_closed_round(const ClosedRound& round);
+// Logs an early catch-up (debug, "coll" logger), for both control planes alike.
+void log_early_catch_up(const EarlyCatchUp& early);
 
 // One rank's end of the control plane. The training thread is its only user, except
 // request_stop(), which any thread may call.

@@ -429,8 +429,7 @@ void TcpControlServer::Impl::apply(Decisions&& d, CoordTime now) {
     }
   }
   for (const EarlyCatchUp& early : d.early) {
-    log->debug("control: rank {} catches up early from rank {} at step {}", early.late_rank,
-               early.donor_rank, early.step);
+    log_early_catch_up(early);
     for (auto& [rank, order] : orders_for(early)) {
       Message msg = message_of(MsgType::kOrder);
       msg.order = std::move(order);

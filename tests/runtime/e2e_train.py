@@ -193,6 +193,25 @@ def scenario_backup_workers():
             fail(f"np {np}: accuracy {s['test_accuracy']} with a dropped straggler")
 
 
+def scenario_shared_catch_ups():
+    # Random stragglers at 4 ranks on one node: late ranks are caught up by copying a peer's
+    # state out of shared memory (no message, no work for the peer) and then compute the open
+    # step; every rank ends with the same parameters.
+    rows = train(4, QUICK[:-2] + ["--log-level", "debug", "--steps", "150", "--backup-workers", "1",
+                                  "--inject-delay", "one:lognormal:2:1.0"], "shared")
+    s = summary(rows)
+    log = LAST_STDERR[0]
+    if not s["ranks_agree"]:
+        fail(f"ranks disagree after shared catch-ups: {s}")
+    shared = log.count("(shared memory)")
+    if s["catch_ups"] == 0 or shared == 0:
+        fail(f"no shared-memory catch-up happened ({s['catch_ups']} catch-ups, {shared} shared "
+             f"in the log):\n{log[-3000:]}")
+    for bad in ("torn", "could not catch up", "failed"):
+        if bad in log:
+            fail(f"a catch-up went wrong ({bad!r}):\n{log[-3000:]}")
+
+
 def scenario_straggler_timeout():
     rows = train(3, QUICK + ["--steps", "20", "--straggler-timeout-ms", "15",
                              "--inject-delay", "fixed:1:120"], "timeout")
