@@ -102,10 +102,11 @@ bool ShmStateBoard::copy_from(int donor, uint64_t version, std::span<float> out,
     const uint64_t s1 = shm::load(sequence);
     // At least the version published with s1 (a later one if the owner published since).
     const uint64_t v = shm::load(version_word(sequence));
-    const bool writing = (s1 & 1) != 0;
-    // Versions never decrease: a later one, or a rewrite of this one, will not give it back.
-    if (v > version || (v == version && writing)) return false;
-    if (v == version) {
+    // Versions never decrease: a later one will not give this one back.
+    if (v > version) return false;
+    // While the owner writes, the version word may already say what it is about to publish,
+    // and a rewrite of `version` may publish it again: wait rather than decide.
+    if (v == version && (s1 & 1) == 0) {
       if (count_ > 0) std::memcpy(out.data(), src, count_ * sizeof(float));
       // Seqlock check: the copy's reads come before this load, so a rewrite that any of them
       // saw shows in the word (the writer made it odd before writing).

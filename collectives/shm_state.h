@@ -47,9 +47,9 @@ class ShmStateBoard {
 
   // Copies `donor`'s region into `out` (exactly count() floats) once the donor has published
   // `version`. Waits (spinning briefly, then yielding, then sleeping in short naps, as
-  // ShmAllreduce's waits do) while the donor's version is lower, or it is rewriting a lower
-  // one; returns false without waiting once the donor has published a later version or begun
-  // to rewrite `version`, or when `timeout` has passed. A copy that a rewrite overlapped
+  // ShmAllreduce's waits do) while the donor's version is lower or it is rewriting its state;
+  // returns false without waiting once the donor has published a later version, or when
+  // `timeout` has passed. A copy that a rewrite overlapped
   // is discarded and the word read again. Returns true only with an untorn copy of `version`;
   // after false, `out` holds unspecified values. The donor may be this rank; `out` must not
   // overlap the donor's region. A late rank takes a donor's state into its own region with
