@@ -19,6 +19,7 @@
 #include "collectives/context.h"
 #include "collectives/mpi_transport.h"
 #include "ring_test_util.h"
+#include "tests/mpi_test_util.h"
 
 namespace resync::collectives {
 namespace {
@@ -27,16 +28,8 @@ using namespace std::chrono_literals;
 using test::bytes_hash;
 using test::fill_input;
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int n = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using mpi_test::world_rank;
+using mpi_test::world_size;
 std::vector<int> all_ranks() {
   std::vector<int> v(world_size());
   std::iota(v.begin(), v.end(), 0);

@@ -19,6 +19,7 @@
 #include "collectives/ring_allreduce.h"
 #include "collectives/state_transfer.h"
 #include "ring_test_util.h"
+#include "tests/mpi_test_util.h"
 
 namespace resync::collectives {
 namespace {
@@ -27,16 +28,8 @@ using namespace std::chrono_literals;
 using test::bytes_hash;
 using test::fill_input;
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int n = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
+using mpi_test::world_rank;
+using mpi_test::world_size;
 
 // Checks the ring's result against MPI_Allreduce of the same inputs (non-participants
 // contribute zeros), with a tolerance relative to the magnitude, and that all participants

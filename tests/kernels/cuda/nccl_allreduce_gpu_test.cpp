@@ -11,21 +11,13 @@
 #include "collectives/nccl_allreduce.h"
 #include "collectives/world.h"
 #include "kernels/cuda/context.h"
+#include "tests/mpi_test_util.h"
 
 namespace resync::collectives {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using mpi_test::world_rank;
+using mpi_test::world_size;
 
 // NCCL wants one GPU per rank: skipped where there are fewer GPUs than ranks.
 TEST(NcclAllreduce, SumAndAverageInPlace) {

@@ -10,21 +10,13 @@
 #include "base/error.h"
 #include "collectives/world.h"
 #include "kernels/cuda/context.h"
+#include "tests/mpi_test_util.h"
 
 namespace resync::collectives {
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
+using mpi_test::world_rank;
+using mpi_test::world_size;
 
 // The tests run every rank on one node, so the node-local rank is the world rank.
 TEST(NodeLocalRank, EqualsWorldRankOnOneNode) {
