@@ -244,9 +244,9 @@ int bench_main(int argc, char** argv) {
       ->capture_default_str();
   allreduce
       ->add_option("--buffer", ar.buffer,
-                   "resync's buffer: user (ordinary memory, like the training loop's "
-                   "gradients) or shared (the all-reducer's shared-memory buffer, summed "
-                   "without staging copies)")
+                   "resync's buffer: user (ordinary memory, an application's own buffer) or "
+                   "shared (the all-reducer's shared-memory buffer, summed without staging "
+                   "copies; where the training loop keeps its gradients on a node)")
       ->check(CLI::IsMember({"user", "shared"}))
       ->capture_default_str();
   allreduce->add_flag("--check,-c", ar.check,

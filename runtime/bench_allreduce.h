@@ -21,8 +21,9 @@ struct AllreduceBenchConfig {
   size_t direct_block_kib = 0;  // the same for the direct path
   std::string participants;     // "" (all), "N" (ranks 0..N-1) or "a,b,c"
   std::string path = "auto";
-  // Where resync's buffer lives: "user" (ordinary memory, as the training loop's gradients) or
-  // "shared" (the Allreducer's shared buffer: summed without staging copies).
+  // Where resync's buffer lives: "user" (ordinary memory, an application's own buffer) or
+  // "shared" (the Allreducer's shared buffer, summed without staging copies: where the training
+  // loop keeps its gradients on a node).
   std::string buffer = "user";
   bool check = false;
   int check_iters = 2;
