@@ -73,7 +73,8 @@ Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : confi
   repair_window_ = std::chrono::milliseconds(config_.repair_window_ms);
   const auto w = static_cast<size_t>(config_.world_size);
   state_.assign(w, RankState::kWorking);
-  next_step_.assign(w, 0);
+  next_step_.assign(w, config_.first_step);
+  open_step_ = config_.first_step;
   busy_step_.assign(w, kNoStep);
   early_step_.assign(w, kNoStep);
   late_holds_.assign(w, kNoStep);

@@ -19,6 +19,7 @@ using CoordTime = CoordClock::time_point;
 // The knobs of the straggler-tolerant step, as given on the command line.
 struct CoordinatorConfig {
   int world_size = 1;                // W
+  uint64_t first_step = 0;           // the first step to close (a resumed run's checkpoint step)
   int backup_workers = 0;            // b: a step closes when W - b ranks are ready
   int64_t straggler_timeout_ms = 0;  // close this long after the first READY if quorum; 0 = never
   int min_quorum = 1;                // ready ranks needed for a timeout close (0 acts as 1)

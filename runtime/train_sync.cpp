@@ -85,42 +85,6 @@ std::vector<int> complement(const std::vector<int>& members, int world) {
   return out;
 }
 
-// The coordinator numbers rounds from 0, a resumed run continues at its checkpoint's step:
-// shifts every step crossing the channel, so the loop keeps the run's own step numbers.
-class ResumedControlChannel final : public collectives::ControlChannel {
- public:
-  ResumedControlChannel(std::unique_ptr<collectives::ControlChannel> inner, uint64_t first_step)
-      : inner_(std::move(inner)), first_step_(first_step) {}
-
-  collectives::StepOrder ready(uint64_t step) override {
-    return shift(inner_->ready(step - first_step_));
-  }
-  std::optional<collectives::StepOrder> busy(uint64_t step,
-                                             std::chrono::nanoseconds max_wait) override {
-    std::optional<collectives::StepOrder> order = inner_->busy(step - first_step_, max_wait);
-    if (order) order = shift(std::move(*order));
-    return order;
-  }
-  collectives::StepOrder failed(uint64_t step) override {
-    return shift(inner_->failed(step - first_step_));
-  }
-  collectives::StepOrder finish(uint64_t n_steps) override {
-    return shift(inner_->finish(n_steps - first_step_));
-  }
-  collectives::StepOrder next_order() override { return shift(inner_->next_order()); }
-  void request_stop() override { inner_->request_stop(); }
-  int rank() const override { return inner_->rank(); }
-
- private:
-  collectives::StepOrder shift(collectives::StepOrder order) const {
-    order.step += first_step_;
-    return order;
-  }
-
-  std::unique_ptr<collectives::ControlChannel> inner_;
-  uint64_t first_step_;
-};
-
 // Runs `fn` on every rank and agrees on success, as agreed_setup does: the lowest failing rank
 // rethrows its error (one report), the others throw PeerSetupFailed.
 void agreed(int rank, int world, const std::function<void()>& fn) {
@@ -326,15 +290,13 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   if (rank == 0) {
     collectives::TcpServerOptions options;
     options.coordinator = coordinator_config(cfg, world, std::move(shared_state_node));
+    options.coordinator.first_step = start_step;  // a resumed run keeps its step numbers
     coordinator = std::make_unique<collectives::TcpControlServer>(options);
   }
   const std::string endpoint =
       collectives::broadcast_string(coordinator ? coordinator->endpoint() : "", 0);
   std::unique_ptr<collectives::ControlChannel> control =
       collectives::TcpControlClient::connect(endpoint, rank);
-  if (start_step > 0) {
-    control = std::make_unique<ResumedControlChannel>(std::move(control), start_step);
-  }
 
   if (rank == 0) {
     log->info("config: {}", describe(cfg));

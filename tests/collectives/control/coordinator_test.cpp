@@ -956,6 +956,33 @@ TEST(CoordinatorSharedCatchUp, FailedSharedCopyIsRetriedWithTheFullState) {
   EXPECT_EQ(d.early[0].late_rank, 2);
 }
 
+TEST(Coordinator, AResumedRunKeepsItsStepNumbers) {
+  CoordinatorConfig config = make_config(3, 1);
+  config.first_step = 500;
+  Coordinator c(config, kT0);
+  EXPECT_EQ(c.open_step(), 500u);
+  ClosedRound r = only_close(all_ready(c, {0, 1}, 500, at_ms(1)));
+  EXPECT_EQ(r.step, 500u);
+  EXPECT_EQ(c.open_step(), 501u);
+  // Rank 2 reports the first step late: caught up at the next close, like any late rank.
+  EXPECT_TRUE(c.ready(2, 500, at_ms(2)).empty());
+  r = only_close(all_ready(c, {0, 1}, 501, at_ms(3)));
+  ASSERT_EQ(r.catchups.size(), 1u);
+  EXPECT_EQ(r.catchups[0].late_rank, 2);
+  // A step before the resume point is a protocol violation.
+  Coordinator fresh(config, kT0);
+  Decisions d = fresh.ready(0, 0, at_ms(1));
+  ASSERT_TRUE(d.abort);
+  EXPECT_NE(d.abort->find("expected a step in [500, 500]"), std::string::npos) << *d.abort;
+  // The final round after the run's last step.
+  Coordinator end(config, kT0);
+  EXPECT_TRUE(end.finish(0, 500, at_ms(1)).empty());
+  EXPECT_TRUE(end.finish(1, 500, at_ms(1)).empty());
+  r = only_close(end.finish(2, 500, at_ms(1)));
+  EXPECT_TRUE(r.final_round);
+  EXPECT_EQ(r.step, 500u);
+}
+
 TEST(Coordinator, OddWorldSizesCloseAtWMinusB) {
   for (int w : {3, 5}) {
     for (int b = 1; b < w; ++b) {
