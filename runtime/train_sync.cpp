@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <exception>
@@ -267,6 +268,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     if (board->covers(r)) state_node = r;
   }
   std::vector<int> shared_state_node = collectives::gather_from_ranks(state_node);
+  const auto n_state_in_shm =
+      std::count_if(shared_state_node.begin(), shared_state_node.end(), [](int n) { return n >= 0; });
 
   // The host view of the state: on the CPU the live parameters and velocity; on a GPU a mirror,
   // refreshed (download_state) before it is read and sent back (upload_state) after a write.
@@ -308,6 +311,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     log->info("coordinator at {}, W={} b={} straggler-timeout-ms={}", coordinator->address(),
               world, cfg.backup_workers, cfg.straggler_timeout_ms);
     log->info("gradient {}", allreducer.describe());
+    if (straggler_mode) {
+      log->info("catch-ups: {} of {} ranks keep their state in shared memory, where late ranks "
+                "of their node copy it; the state of any other rank travels by MPI",
+                n_state_in_shm, world);
+    }
   }
   if (const std::string advice = kernels::blas_core_advice(); !advice.empty() && rank == 0) {
     log->warn("{}", advice);
