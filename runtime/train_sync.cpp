@@ -73,8 +73,9 @@ collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int wo
   return c;
 }
 
-std::vector<int> complement(const std::vector<int>& members, int world) {
-  std::vector<int> out;
+// The ranks of [0, world) not in `members` (sorted), into `out` (its capacity is reused).
+void complement(const std::vector<int>& members, int world, std::vector<int>& out) {
+  out.clear();
   size_t j = 0;
   for (int r = 0; r < world; ++r) {
     if (j < members.size() && members[j] == r) {
@@ -83,7 +84,6 @@ std::vector<int> complement(const std::vector<int>& members, int world) {
       out.push_back(r);
     }
   }
-  return out;
 }
 
 // Runs `fn` on every rank and agrees on success, as agreed_setup does: the lowest failing rank
@@ -473,6 +473,10 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   };
 
   uint64_t step = start_step;
+  StepRecord rec;
+  rec.participants.reserve(static_cast<size_t>(world));
+  rec.dropped.reserve(static_cast<size_t>(world));
+  rec.late.reserve(static_cast<size_t>(world));
   bool stop = false;
   bool stop_requested = false;
   bool final_round_done = false;  // a late rank may be caught up by the final round itself
@@ -483,9 +487,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       control->request_stop();
       stop_requested = true;
     }
-    StepRecord rec;
+    // The step's record; its rank lists keep their capacity from step to step.
     rec.step = step;
     rec.epoch = s.sampler.epoch_of(step);
+    rec.delay_ms = rec.wait_ms = rec.comm_ms = 0;
+    rec.late.clear();
     const Clock::time_point t0 = Clock::now();
 
     // Forward and backward on this rank's own mini-batch.
@@ -575,8 +581,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     serve_catchups(order, rec);
     rec.comm_ms = ms_since(t_comm);
 
-    rec.participants = order.participants;
-    rec.dropped = complement(order.participants, world);
+    rec.participants.assign(order.participants.begin(), order.participants.end());
+    complement(order.participants, world, rec.dropped);
     rec.step_ms = ms_since(t0);
     rec.elapsed_s = ms_since(start) / 1000.0;
     if (rank == 0 && (step % cfg.metrics_every == 0 || step + 1 == s.total_steps)) {
