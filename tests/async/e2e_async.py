@@ -6,13 +6,16 @@ Each scenario asserts and exits non-zero with a message naming what differed.
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from e2e_util import E2e  # noqa: E402
+
 RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_async_e2e_")
+E2E = E2e(RESYNC, MPIEXEC, SCENARIO)
+fail, run, expect_bad_input = E2E.fail, E2E.run, E2E.expect_bad_input
 
 
 # Each gradient is its own update, and on this small set momentum 0.9 (or lr 0.05) on top of the
@@ -25,16 +28,6 @@ def quick(lr="0.02", momentum="0"):
 
 
 QUICK = quick()
-
-
-def fail(msg):
-    print(f"FAIL [{SCENARIO}]: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def run(np, args, timeout=120):
-    cmd = [MPIEXEC, "-np", str(np), "--oversubscribe", "--bind-to", "none", RESYNC] + args
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def train(np, args, name, timeout=120):
@@ -210,18 +203,6 @@ def scenario_one_worker_equals_sync():
                  f"{ref['param_checksum']}")
         if got["test_accuracy"] != ref["test_accuracy"]:
             fail(f"np {np} --ps {ps}: accuracy {got['test_accuracy']} != {ref['test_accuracy']}")
-
-
-def expect_bad_input(np, args, must_mention):
-    p = run(np, args)
-    if p.returncode != 2:
-        fail(f"`resync {' '.join(args)}` exited {p.returncode}, expected 2\n{p.stderr[-2000:]}")
-    ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
-    if len(ours) != 1:
-        fail(f"`resync {' '.join(args)}`: expected one 'resync: error' line, got {ours}\n"
-             f"{p.stderr}")
-    if must_mention.lower() not in ours[0].lower():
-        fail(f"`resync {' '.join(args)}`: error line does not mention '{must_mention}': {ours[0]}")
 
 
 def scenario_bad_input():

@@ -19,21 +19,13 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from e2e_util import QUICK, E2e  # noqa: E402
+
 RESYNC, MPIEXEC, MERGE, SCENARIO = sys.argv[1:5]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_observe_")
-QUICK = ["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-test", "1000",
-         "--hidden", "64", "--batch-size", "32", "--log-level", "warn"]
-
-
-def fail(msg):
-    print(f"FAIL [{SCENARIO}]: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def run(np, args, timeout=120):
-    cmd = [MPIEXEC, "-np", str(np), "--oversubscribe", "--bind-to", "none", RESYNC] + args
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+E2E = E2e(RESYNC, MPIEXEC, SCENARIO)
+fail, run = E2E.fail, E2E.run
 
 
 def train_ok(np, args):

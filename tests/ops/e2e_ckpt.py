@@ -15,34 +15,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from e2e_util import ENV, QUICK, E2e  # noqa: E402
 from mpi_procs import rank_pid, wait_for  # noqa: E402
 
 RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_ops_")
-QUICK = ["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-test", "1000",
-         "--hidden", "64", "--batch-size", "32"]
+E2E = E2e(RESYNC, MPIEXEC, SCENARIO)
+fail, mpirun, run, expect_bad_input = E2E.fail, E2E.mpirun, E2E.run, E2E.expect_bad_input
+QUICK = QUICK[:-2]  # without --log-level: train() passes its own
 STEPS_PER_EPOCH = 4000 // 2 // 32  # at np 2
 CKPT_NAME = re.compile(r"^ckpt-(\d+)\.rsck$")
-
-
-def fail(msg, job=None):
-    if job is not None and job.poll() is None:
-        job.kill()
-    print(f"FAIL [{SCENARIO}]: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def mpirun(np, args):
-    return [MPIEXEC, "-np", str(np), "--oversubscribe", "--bind-to", "none", RESYNC] + args
-
-
-def run(np, args, timeout=120):
-    try:
-        return subprocess.run(mpirun(np, args), env=ENV, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        fail(f"`resync {' '.join(args)}` did not finish within {timeout} s")
 
 
 def train(np, args, name, log_level="info"):
@@ -166,20 +148,6 @@ def scenario_corrupt_newest_skipped():
     straight = summary(train(2, QUICK + ["--steps", "60"], "straight", "warn")[0])
     if s["param_checksum"] != straight["param_checksum"]:
         fail("resuming from the older checkpoint did not reproduce the uninterrupted run")
-
-
-def expect_bad_input(np, args, must_mention):
-    p = run(np, args)
-    if p.returncode != 2:
-        fail(f"`resync {' '.join(args)}` exited {p.returncode}, expected 2\n{p.stderr[-2000:]}")
-    ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
-    if len(ours) != 1:
-        fail(f"`resync {' '.join(args)}`: expected one 'resync: error' line, got {ours}\n"
-             f"{p.stderr[-2000:]}")
-    if must_mention not in ours[0]:
-        fail(f"`resync {' '.join(args)}`: error line does not mention '{must_mention}': {ours[0]}")
-    if "Traceback" in p.stderr or "terminate called" in p.stderr:
-        fail(f"crash output:\n{p.stderr[-2000:]}")
 
 
 def scenario_bad_input():

@@ -10,22 +10,13 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from e2e_util import ENV, QUICK, E2e  # noqa: E402
+
 RESYNC, MPIEXEC, SCENARIO = sys.argv[1], sys.argv[2], sys.argv[3]
-ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_e2e_")
-QUICK = ["--data", "synthetic", "--synthetic-train", "4000", "--synthetic-test", "1000",
-         "--hidden", "64", "--batch-size", "32", "--log-level", "warn"]
-
-
-def fail(msg):
-    print(f"FAIL [{SCENARIO}]: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def run(np, args, timeout=120):
-    cmd = [MPIEXEC, "-np", str(np), "--oversubscribe", "--bind-to", "none", RESYNC] + args
-    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    return p
+E2E = E2e(RESYNC, MPIEXEC, SCENARIO)
+fail, run, expect_bad_input = E2E.fail, E2E.run, E2E.expect_bad_input
 
 
 LAST_STDERR = [""]  # the log of the last train() run
@@ -101,17 +92,6 @@ def scenario_config_file():
     from_flags = summary(train(2, QUICK + ["--steps", "30", "--seed", "11", "--lr", "0.02"], "cfgflags"))
     if from_file["param_checksum"] != from_flags["param_checksum"]:
         fail("config file and the same flags gave different parameters")
-
-
-def expect_bad_input(np, args, must_mention):
-    p = run(np, args)
-    if p.returncode != 2:
-        fail(f"`resync {' '.join(args)}` exited {p.returncode}, expected 2\n{p.stderr[-2000:]}")
-    ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
-    if len(ours) != 1:
-        fail(f"`resync {' '.join(args)}`: expected one 'resync: error' line, got {ours}\n{p.stderr}")
-    if must_mention.lower() not in ours[0].lower():
-        fail(f"`resync {' '.join(args)}`: error line does not mention '{must_mention}': {ours[0]}")
 
 
 def scenario_bad_input():
