@@ -37,6 +37,7 @@ void MetricsWriter::write_line(const std::string& line) {
 }
 
 void MetricsWriter::step(const StepRecord& r) {
+  if (!file_) return;  // nothing to format: no --metrics on this rank
   write_line(fmt::format(
       R"({{"event":"step","step":{},"epoch":{},"loss":{},"step_ms":{},"compute_ms":{},)"
       R"("wait_ms":{},"comm_ms":{},"delay_ms":{},"elapsed_s":{},"participants":{},"dropped":{},)"
@@ -47,12 +48,14 @@ void MetricsWriter::step(const StepRecord& r) {
 }
 
 void MetricsWriter::eval(const EvalRecord& r) {
+  if (!file_) return;  // nothing to format: no --metrics on this rank
   write_line(fmt::format(
       R"({{"event":"eval","epoch":{},"step":{},"test_loss":{},"test_accuracy":{},"elapsed_s":{}}})",
       r.epoch, r.step, num(r.test_loss), num(r.test_accuracy), num(r.elapsed_s)));
 }
 
 void MetricsWriter::summary(const SummaryRecord& r) {
+  if (!file_) return;  // nothing to format: no --metrics on this rank
   write_line(fmt::format(
       R"({{"event":"summary","steps":{},"elapsed_s":{},"samples_per_s":{},"test_accuracy":{},)"
       R"("param_checksum":"{}","ranks_agree":{},"dropped_gradients":{},"catch_ups":{},)"
@@ -64,6 +67,7 @@ void MetricsWriter::summary(const SummaryRecord& r) {
 }
 
 void MetricsWriter::async_step(const AsyncStepRecord& r) {
+  if (!file_) return;  // nothing to format: no --metrics on this rank
   write_line(fmt::format(
       R"({{"event":"step","mode":"async","step":{},"epoch":{},"worker":{},"loss":{},"step_ms":{},)"
       R"("compute_ms":{},"delay_ms":{},"comm_ms":{},"staleness":{},"applied":{},"version":{},)"
@@ -73,6 +77,7 @@ void MetricsWriter::async_step(const AsyncStepRecord& r) {
 }
 
 void MetricsWriter::staleness(const StalenessRecord& r) {
+  if (!file_) return;  // nothing to format: no --metrics on this rank
   write_line(fmt::format(
       R"({{"event":"staleness","server":{},"applied":{},"dropped":{},"refreshed":{},)"
       R"("max_staleness":{},"mean_staleness":{},"histogram":[{}]}})",

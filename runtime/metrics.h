@@ -72,7 +72,7 @@ struct SummaryRecord {
   uint64_t dropped_gradients = 0;
   uint64_t catch_ups = 0;
   std::optional<uint64_t> resumed_from_step;  // the step of the checkpoint --resume loaded
-  std::string stopped_by;  // e.g. "SIGTERM on rank 1" for a preempted run; empty otherwise
+  std::string stopped_by;  // e.g. "SIGTERM" for a preempted run; empty otherwise
 };
 
 class MetricsWriter {

@@ -86,7 +86,6 @@ void ProgressReporter::update(const ProgressUpdate& u) {
     first_step_ = u.step;
   }
   last_ = u;
-  have_last_ = true;
   last_shown_ = false;
   const double since_s = seconds_between(last_show_, now);
   const bool due = mode_ == ProgressMode::kLive
@@ -126,7 +125,7 @@ void ProgressReporter::clear_line() {
 void ProgressReporter::finish() {
   if (mode_ == ProgressMode::kOff || finished_) return;
   finished_ = true;
-  if (have_last_ && !last_shown_) show(now_());
+  if (have_first_ && !last_shown_) show(now_());
   if (mode_ == ProgressMode::kLive && shown_any_) {
     *out_ << '\n';
     out_->flush();

@@ -83,8 +83,7 @@ class ProgressReporter {
   bool have_first_ = false;  // the ETA's reference point
   Clock::time_point first_time_{};
   uint64_t first_step_ = 0;
-  ProgressUpdate last_{};
-  bool have_last_ = false;
+  ProgressUpdate last_{};  // valid once have_first_
   bool last_shown_ = false;
   bool shown_any_ = false;
   Clock::time_point last_show_{};

@@ -26,6 +26,8 @@ class Replica {
 
   // e.g. "mlp 784-512-512-10 (669706 params) on cpu" or "... on cuda:0 (NVIDIA A100 ...)".
   virtual std::string describe() const = 0;
+  // The model alone, as models::Model::describe() says it (what checkpoints record).
+  virtual std::string model_description() const = 0;
   virtual size_t n_params() const = 0;
   virtual size_t max_batch() const = 0;
 

@@ -33,6 +33,7 @@ class CpuReplica final : public Replica {
       : model_(models::make_model(spec, max_batch, seed)), optimizer_(model_->n_params(), hyper) {}
 
   std::string describe() const override { return model_->describe() + " on cpu"; }
+  std::string model_description() const override { return model_->describe(); }
   size_t n_params() const override { return model_->n_params(); }
   size_t max_batch() const override { return model_->max_batch(); }
 

@@ -285,7 +285,8 @@ class CudaReplica final : public Replica {
     const std::string device_name =
         cudaGetDeviceProperties(&prop, device) == cudaSuccess ? prop.name : "?";
     (void)cudaGetLastError();
-    description_ = fmt::format("{} on cuda:{} ({})", cpu->describe(), device, device_name);
+    model_description_ = cpu->describe();
+    description_ = fmt::format("{} on cuda:{} ({})", model_description_, device, device_name);
 
     const std::span<const float> initial = cpu->params();
     std::memcpy(params_host_->data(), initial.data(), initial.size_bytes());
@@ -295,6 +296,7 @@ class CudaReplica final : public Replica {
   }
 
   std::string describe() const override { return description_; }
+  std::string model_description() const override { return model_description_; }
   size_t n_params() const override { return n_params_; }
   size_t max_batch() const override { return max_batch_; }
 
@@ -438,6 +440,7 @@ class CudaReplica final : public Replica {
   size_t input_size_;
   size_t n_params_ = 0;
   std::string description_;
+  std::string model_description_;
   GradientLocation location_ = GradientLocation::kHost;
 
   std::vector<std::unique_ptr<DeviceLayer>> layers_;

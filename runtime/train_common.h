@@ -38,8 +38,8 @@ struct Setup {
   int world;
   DelaySpec delay_spec;
   DataSplits data;
-  std::unique_ptr<models::Model> model;  // host model: its description; async mode computes on it
-  SgdOptimizer optimizer;                // async mode
+  std::unique_ptr<models::Model> model;  // async mode: the host model it computes on
+  SgdOptimizer optimizer;                // async mode (empty in sync mode)
   std::unique_ptr<Replica> replica;      // sync mode: model + optimizer on --device
   ShardSampler sampler;
   uint64_t total_steps;  // steps of this rank's shard (--steps or --epochs)

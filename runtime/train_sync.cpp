@@ -102,7 +102,7 @@ void agreed(int rank, int world, const std::function<void()>& fn) {
 
 CheckpointMeta checkpoint_meta(const Setup& s, uint64_t step) {
   return {.step = step,
-          .model = s.model->describe(),
+          .model = s.replica->model_description(),
           .world_size = s.world,
           .seed = s.cfg.seed,
           .batch_size = s.cfg.batch_size};
@@ -139,7 +139,7 @@ ResumePoint restore_checkpoint(const Setup& s, std::span<float> params,
   CheckpointMeta meta;
   agreed(s.rank, s.world, [&] {
     Checkpoint c = latest ? std::move(latest->checkpoint) : read_checkpoint(path);
-    check_resumable(c, path, s.model->describe(), params.size(), momentum.size());
+    check_resumable(c, path, s.replica->model_description(), params.size(), momentum.size());
     std::copy(c.params.begin(), c.params.end(), params.begin());
     std::copy(c.optimizer_state.begin(), c.optimizer_state.end(), momentum.begin());
     meta = std::move(c.meta);

@@ -46,14 +46,15 @@ TEST(ModelRegistry, RegisteredModelIsBuiltByNameAfterTheBuiltIns) {
 }
 
 TEST(ModelRegistry, BuilderMayCaptureState) {
-  int calls = 0;
-  register_model("counted", [&calls](const ModelSpec& spec) {
-    ++calls;
+  // Shared, not a reference to a local: the registration outlives this test.
+  auto calls = std::make_shared<int>(0);
+  register_model("counted", [calls](const ModelSpec& spec) {
+    ++*calls;
     return build_linear_only(spec);
   });
   make_model(tiny("counted"), 2, 1);
   make_model(tiny("counted"), 2, 1);
-  EXPECT_EQ(calls, 2);
+  EXPECT_EQ(*calls, 2);
 }
 
 TEST(ModelRegistry, BadRegistrationsThrowInvalidArgument) {
