@@ -8,10 +8,6 @@
 
 namespace resync::collectives {
 
-namespace {
-constexpr size_t kWaitGroup = 8;
-}  // namespace
-
 SmallAllreduce::SmallAllreduce(Context& ctx, size_t max_elems) : ctx_(ctx) {
   const size_t world = static_cast<size_t>(ctx.size());
   recvs_.resize(world);
@@ -59,11 +55,10 @@ void SmallAllreduce::exchange(std::span<float> data, std::span<const int> partic
   const Deadline deadline = ctx_.deadline();
   Transport& transport = ctx_.transport();
   for (;;) {
-    // Transport::wait_any takes a handful of requests: wait on the first few still pending.
     pending_.clear();
-    for (int pos = 0; pos < p && pending_.size() < kWaitGroup; ++pos) {
+    for (int pos = 0; pos < p; ++pos) {
       if (recvs_[pos].active()) pending_.push_back(&recvs_[pos]);
-      if (sends_[pos].active() && pending_.size() < kWaitGroup) pending_.push_back(&sends_[pos]);
+      if (sends_[pos].active()) pending_.push_back(&sends_[pos]);
     }
     if (pending_.empty()) break;
     const size_t done = transport.wait_any(pending_, deadline);

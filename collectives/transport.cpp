@@ -8,12 +8,6 @@
 
 namespace resync::collectives {
 
-namespace {
-// wait_any() serves the ring's "next receive or oldest send" waits; a few slots suffice and
-// keep it allocation-free.
-constexpr size_t kMaxWaitAny = 8;
-}  // namespace
-
 Deadline deadline_after(std::chrono::milliseconds timeout) {
   const Deadline now = Clock::now();
   if (timeout.count() < 0) return now;
@@ -104,9 +98,13 @@ size_t Transport::wait(Request& request, Deadline deadline) {
 }
 
 size_t Transport::wait_any(std::span<Request* const> requests, Deadline deadline) {
-  RESYNC_CHECK_ARG(requests.size() <= kMaxWaitAny, "wait_any: too many requests");
-  std::array<uint64_t*, kMaxWaitAny> handles{};
-  std::array<size_t, kMaxWaitAny> index{};
+  // Scratch kept across calls: it grows to the largest request list once, then never allocates.
+  if (wait_handles_.size() < requests.size()) {
+    wait_handles_.resize(requests.size());
+    wait_index_.resize(requests.size());
+  }
+  std::vector<uint64_t*>& handles = wait_handles_;
+  std::vector<size_t>& index = wait_index_;
   size_t n_active = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
     Request* r = requests[i];

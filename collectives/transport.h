@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace resync::collectives {
 
@@ -119,6 +120,12 @@ class Transport {
   void check_owned(const Request& request) const;
   [[noreturn]] void throw_timeout(const Request& request) const;
   Request make_request(uint64_t handle, int peer, int tag, Direction direction);
+
+  // wait_any's handles of the active requests and their indices in the caller's list; sized
+  // for the common waits up front, grown once for a longer list.
+  static constexpr size_t kWaitScratch = 16;
+  std::vector<uint64_t*> wait_handles_ = std::vector<uint64_t*>(kWaitScratch);
+  std::vector<size_t> wait_index_ = std::vector<size_t>(kWaitScratch);
 };
 
 }  // namespace resync::collectives

@@ -107,13 +107,15 @@ TEST(ParameterServer, OneClientSeesEveryUpdateWithStalenessZero) {
   EXPECT_EQ(stats.staleness_counts, std::vector<uint64_t>{uint64_t(kPushes)});
 }
 
-// Servers 0 and 1 (a shard each, uneven), clients 2..4 pushing concurrently: every gradient is
+// Servers 0 and 1 (a shard each, uneven), clients 2..6 pushing concurrently: every gradient is
 // applied exactly once on each shard, whatever the interleaving; versions count the updates.
 TEST(ParameterServer, ConcurrentClientsOnTwoShardsApplyEveryGradientOnce) {
   constexpr size_t kParams = 777;
-  constexpr int kServers = 2, kClients = 3, kPushes = 30;
+  constexpr int kServers = 2, kClients = 5, kPushes = 30;  // 5: more than 8 requests per wait
   LoopbackFabric fabric(kServers + kClients);
   std::vector<float> truth(kParams, 0.0f);  // rank s's shard lives in truth's slice s
+  std::vector<int> clients(kClients);
+  std::iota(clients.begin(), clients.end(), kServers);
   std::vector<ServerStats> stats(kServers);
   std::vector<uint64_t> final_versions(kServers);
   run_on_ranks(fabric, [&](Transport& t) {
@@ -122,7 +124,7 @@ TEST(ParameterServer, ConcurrentClientsOnTwoShardsApplyEveryGradientOnce) {
     const int r = t.rank();
     if (r < kServers) {
       std::span<float> shard = layout.slice(std::span<float>(truth), r);
-      ParameterServer ps(ctx, shard, {2, 3, 4}, {},
+      ParameterServer ps(ctx, shard, clients, {},
                          [&](std::span<const float> g) { add_into(shard, g); });
       ps.run();
       stats[size_t(r)] = ps.stats();
@@ -139,7 +141,7 @@ TEST(ParameterServer, ConcurrentClientsOnTwoShardsApplyEveryGradientOnce) {
       client.done();
     }
   });
-  const float expected = float(kPushes * (2 + 3 + 4));
+  const float expected = float(kPushes * std::accumulate(clients.begin(), clients.end(), 0));
   for (size_t i = 0; i < kParams; ++i) {
     ASSERT_EQ(truth[i], expected) << "index " << i;
   }
