@@ -37,9 +37,14 @@ class MpiSession {
   const std::string& processor_name() const { return processor_name_; }
   // True if this session called MPI_Init_thread (and will call MPI_Finalize).
   bool owns_mpi() const { return owns_; }
+  // Set once every rank has agreed on its set-up: from then on an error on one rank must end
+  // the whole job, since its peers wait on it (set-up errors are agreed and end it cleanly).
+  void mark_setup_agreed() { setup_agreed_ = true; }
+  bool setup_agreed() const { return setup_agreed_; }
 
  private:
   bool owns_ = false;
+  bool setup_agreed_ = false;
   int rank_ = 0;
   int size_ = 1;
   int node_local_rank_ = 0;

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -95,27 +96,36 @@ int run_cli(int argc, char** argv) {
   }
 
   int rank = -1;
+  std::optional<collectives::MpiSession> mpi;  // outlives the handlers below
+  // Past the agreed set-up, a failure of any kind on one rank ends the whole job.
+  auto abort_if_training = [&](const std::exception& e) {
+    if (!mpi || !mpi->setup_agreed()) return;
+    print_error(rank, e.what());
+    collectives::abort_world(kExitRuntime);
+  };
   try {
     if (command == "info") {
-      collectives::MpiSession mpi(&argc, &argv);
-      if (mpi.rank() == 0) std::fputs(build_info(mpi).c_str(), stdout);
+      mpi.emplace(&argc, &argv);
+      if (mpi->rank() == 0) std::fputs(build_info(*mpi).c_str(), stdout);
       return kExitOk;
     }
     log::init(-1, cfg.log_level);
-    collectives::MpiSession mpi(&argc, &argv);
-    rank = mpi.rank();
+    mpi.emplace(&argc, &argv);
+    rank = mpi->rank();
     log::init(rank, cfg.log_level);
     if (cfg.mode == "async") {
-      train_async(cfg, mpi);
+      train_async(cfg, *mpi);
     } else {
-      train_sync(cfg, mpi);
+      train_sync(cfg, *mpi);
     }
     return kExitOk;
   } catch (const resync::InvalidArgument& e) {
+    abort_if_training(e);
     // Set-up errors are agreed on: exactly one rank reports, every rank exits 2.
     if (!is_quiet_peer_failure(e)) print_error(-1, e.what());
     return kExitBadInput;
   } catch (const resync::DataError& e) {
+    abort_if_training(e);
     print_error(-1, e.what());
     return kExitBadInput;
   } catch (const SetupDeviceError& e) {

@@ -213,6 +213,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   const ShardAssignment data_shard{.index = server ? 0 : rank - cfg.ps, .count = n_workers};
   std::unique_ptr<Setup> setup =
       agreed_setup(cfg, rank, world, data_shard, [&] { check_async_flags(cfg); });
+  mpi.mark_setup_agreed();
   Setup& s = *setup;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
