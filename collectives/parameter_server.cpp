@@ -243,6 +243,7 @@ ParameterClient::ParameterClient(Context& ctx, const ShardLayout& layout, std::v
       versions_(shards_.size(), 0),
       requests_(shards_.size()),
       replies_(shards_.size()) {
+  pending_.reserve(4 * shards_.size());
   for (int s : shards_) {
     RESYNC_CHECK_ARG(s >= 0 && s < layout.n_servers() && s != ctx.rank(),
                      fmt::format("rank {}: cannot be a client of shard {}", ctx.rank(), s));
@@ -256,8 +257,8 @@ void ParameterClient::exchange(PsRequestKind kind, uint64_t step, const std::arr
   const bool gets_shard = kind == PsRequestKind::kPush || kind == PsRequestKind::kPull;
   const bool answered = kind != PsRequestKind::kDone;
   const size_t n = shards_.size();
-  std::vector<Request> pending;
-  pending.reserve(4 * n);
+  std::vector<Request>& pending = pending_;  // capacity reserved once: no allocation per push
+  pending.clear();
   // Receives first, so a reply never waits for a buffer.
   for (size_t i = 0; i < n; ++i) {
     const int server = shards_[i];

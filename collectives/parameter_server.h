@@ -157,6 +157,7 @@ class ParameterClient {
   std::vector<uint64_t> versions_;
   std::vector<PsRequest> requests_;
   std::vector<PsReply> replies_;
+  std::vector<Request> pending_;  // one exchange's receives and sends
 };
 
 // After training: every rank receives every server's shard into `params` (full length; a

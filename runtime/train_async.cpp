@@ -42,10 +42,6 @@ using Clock = std::chrono::steady_clock;
 // Telemetry a worker sends along with each push (PsRequest::user).
 enum Telemetry : size_t { kLoss = 0, kComputeMs = 1, kDelayMs = 2, kPrevExchangeMs = 3 };
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
 std::vector<int> rank_range(int begin, int end) {
   std::vector<int> r(static_cast<size_t>(std::max(0, end - begin)));
   std::iota(r.begin(), r.end(), begin);
@@ -53,9 +49,6 @@ std::vector<int> rank_range(int begin, int end) {
 }
 
 void check_async_flags(const TrainConfig& cfg) {
-  if (cfg.device != "cpu") {
-    throw InvalidArgument("--mode async runs on --device cpu only");
-  }
   const DelaySpec spec = parse_delay_spec(cfg.inject_delay);
   if (spec.kind == DelayKind::kFixedRank && spec.rank < cfg.ps) {
     throw InvalidArgument(fmt::format(

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -18,6 +19,11 @@
 #include "runtime/replica.h"
 
 namespace resync::runtime {
+
+// Milliseconds since `t0` on the steady clock (step phases, elapsed times).
+inline double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // Which shard of the training set this rank reads: sync mode shards over all ranks, async mode
 // over the workers only.

@@ -52,10 +52,6 @@ using Clock = std::chrono::steady_clock;
 // A step may be re-run after a failed all-reduce; each attempt has its own message tags.
 constexpr uint64_t kAttemptsPerStep = 16;
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-}
-
 // `shared_state_node`: per rank, the node whose shared memory holds its state, or -1
 // (CoordinatorConfig::shared_state_node); empty at set-up, before the window exists.
 collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world,
