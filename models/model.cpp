@@ -62,12 +62,6 @@ class Registry {
   std::vector<std::pair<std::string, ModelBuilder>> entries_;
 };
 
-bool overlap(std::span<const float> a, std::span<const float> b) {
-  if (a.empty() || b.empty()) return false;
-  const std::less<const float*> before;
-  return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
-}
-
 // Moves the live buffer `view` into `storage` (checked against the model's other buffer,
 // `other`), repoints `view` at it and frees `owned`, the model's own buffer, if that held it.
 void move_buffer(const char* what, std::span<float> storage, std::span<const float> other,
@@ -89,6 +83,12 @@ void move_buffer(const char* what, std::span<float> storage, std::span<const flo
 }
 
 }  // namespace
+
+bool overlap(std::span<const float> a, std::span<const float> b) {
+  if (a.empty() || b.empty()) return false;
+  const std::less<const float*> before;
+  return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
+}
 
 Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed)
     : label_(std::move(stack.label)),

@@ -20,11 +20,7 @@ std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t
 
 namespace {
 
-bool overlap(std::span<const float> a, std::span<const float> b) {
-  if (a.empty() || b.empty()) return false;
-  const std::less<const float*> before;
-  return before(a.data(), b.data() + b.size()) && before(b.data(), a.data() + a.size());
-}
+using models::overlap;
 
 class CpuReplica final : public Replica {
  public:
