@@ -1,5 +1,5 @@
 // `resync`: the command-line program. Subcommands: train (under mpirun/srun), bench, info.
 // Exit codes: 0 done, 2 bad input (flags, config, data), 1 runtime failure.
-#include "runtime/cli.h"
+#include "runtime/io/cli.h"
 
 int main(int argc, char** argv) { return resync::runtime::run_cli(argc, argv); }

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/loopback_transport.h"
-#include "collectives/parameter_server.h"
+#include "collectives/transport/loopback_transport.h"
+#include "collectives/ps/parameter_server.h"
 
 namespace resync::collectives {
 namespace {

@@ -15,9 +15,9 @@
 
 #include "alloc_counter.h"
 #include "base/error.h"
-#include "collectives/allreducer.h"
-#include "collectives/context.h"
-#include "collectives/mpi_transport.h"
+#include "collectives/allreduce/allreducer.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/mpi_transport.h"
 #include "ring_test_util.h"
 #include "tests/mpi_test_util.h"
 

@@ -13,11 +13,11 @@
 
 #include "alloc_counter.h"
 #include "base/error.h"
-#include "collectives/context.h"
-#include "collectives/mpi_session.h"
-#include "collectives/mpi_transport.h"
-#include "collectives/ring_allreduce.h"
-#include "collectives/state_transfer.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/mpi_session.h"
+#include "collectives/transport/mpi_transport.h"
+#include "collectives/allreduce/ring_allreduce.h"
+#include "collectives/state/state_transfer.h"
 #include "ring_test_util.h"
 #include "tests/mpi_test_util.h"
 

@@ -7,10 +7,10 @@
 #include <exception>
 #include <vector>
 
-#include "collectives/context.h"
-#include "collectives/mpi_session.h"
-#include "collectives/mpi_transport.h"
-#include "collectives/ring_allreduce.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/mpi_session.h"
+#include "collectives/transport/mpi_transport.h"
+#include "collectives/allreduce/ring_allreduce.h"
 
 namespace {
 

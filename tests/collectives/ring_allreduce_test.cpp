@@ -1,6 +1,6 @@
 // Ring all-reduce over the loopback transport: values against a double-precision reference,
 // bitwise agreement between participants, subsets, awkward counts, timeouts.
-#include "collectives/ring_allreduce.h"
+#include "collectives/allreduce/ring_allreduce.h"
 
 #include <gtest/gtest.h>
 
@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/context.h"
-#include "collectives/loopback_transport.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/loopback_transport.h"
 #include "ring_test_util.h"
 
 namespace resync::collectives {

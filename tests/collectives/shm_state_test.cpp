@@ -2,7 +2,7 @@
 // copies that wait for a version published later, give up on a version already passed or
 // after a timeout, never return a torn copy while the donor rewrites its region continuously,
 // argument validation, and a board over an Allreducer's window beside the direct all-reduce.
-#include "collectives/shm_state.h"
+#include "collectives/state/shm_state.h"
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -17,10 +17,10 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/allreducer.h"
-#include "collectives/context.h"
-#include "collectives/mpi_transport.h"
-#include "collectives/shm_allreduce.h"
+#include "collectives/allreduce/allreducer.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/mpi_transport.h"
+#include "collectives/allreduce/shm_allreduce.h"
 #include "tests/mpi_test_util.h"
 
 namespace resync::collectives {

@@ -1,6 +1,6 @@
 // Loopback tier: the float-sum kernels, SmallAllreduce (direct exchange) and the Allreducer's
 // choice of path over a transport without shared memory.
-#include "collectives/small_allreduce.h"
+#include "collectives/allreduce/small_allreduce.h"
 
 #include <gtest/gtest.h>
 
@@ -12,10 +12,10 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/allreducer.h"
-#include "collectives/context.h"
-#include "collectives/float_sum.h"
-#include "collectives/loopback_transport.h"
+#include "collectives/allreduce/allreducer.h"
+#include "collectives/transport/context.h"
+#include "collectives/allreduce/float_sum.h"
+#include "collectives/transport/loopback_transport.h"
 #include "ring_test_util.h"
 
 namespace resync::collectives {

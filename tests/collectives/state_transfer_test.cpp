@@ -1,6 +1,6 @@
 // State transfer over the loopback transport: round trip of several buffers in many chunks,
 // header fields, layout mismatch, and a sender that never comes.
-#include "collectives/state_transfer.h"
+#include "collectives/state/state_transfer.h"
 
 #include <gtest/gtest.h>
 
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/loopback_transport.h"
+#include "collectives/transport/loopback_transport.h"
 #include "ring_test_util.h"
 
 namespace resync::collectives {

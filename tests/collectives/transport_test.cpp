@@ -1,6 +1,6 @@
 // Transport semantics on the loopback fabric (matching, ordering, timeouts, cancellation,
 // abandonment, failure propagation) and the Context's sequence-number tags.
-#include "collectives/transport.h"
+#include "collectives/transport/transport.h"
 
 #include <gtest/gtest.h>
 
@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/context.h"
-#include "collectives/loopback_transport.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/loopback_transport.h"
 
 namespace resync::collectives {
 namespace {

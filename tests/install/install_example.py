@@ -47,7 +47,7 @@ def main():
         if a.config:
             install_cmd += ["--config", a.config]
         run("install", install_cmd, 120)
-        for rel in ["bin/resync", "lib/libresync_runtime.a", "include/resync/runtime/cli.h",
+        for rel in ["bin/resync", "lib/libresync_runtime.a", "include/resync/runtime/io/cli.h",
                     "include/resync/models/model.h", "lib/cmake/resync/resyncConfig.cmake",
                     "lib/cmake/resync/resyncConfigVersion.cmake",
                     "lib/cmake/resync/resyncTargets.cmake"]:

@@ -14,7 +14,7 @@
 #include "base/error.h"
 #include "base/random.h"
 #include "kernels/cuda/context.h"
-#include "runtime/replica.h"
+#include "runtime/train/replica.h"
 #include "tests/models/replica_test_util.h"
 
 namespace resync::runtime {

@@ -1,7 +1,7 @@
 // The Replica without a GPU: the CPU replica reproduces models::Model + SgdOptimizer bit for bit,
 // also with its state and gradient placed in caller storage; make_replica's argument and
 // no-CUDA/no-device errors, and the GPU exchange choice.
-#include "runtime/replica.h"
+#include "runtime/train/replica.h"
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 
 #include "base/error.h"
 #include "base/random.h"
-#include "runtime/optimizer.h"
+#include "runtime/train/optimizer.h"
 #include "tests/models/replica_test_util.h"
 
 #ifdef RESYNC_WITH_CUDA
@@ -97,7 +97,7 @@ TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
 }
 
 // A repaired step computes its gradient again over the partial sum a failed all-reduce left in
-// the buffer (runtime/train_sync.cpp): that must give the same bits as the first time.
+// the buffer (runtime/train/train_sync.cpp): that must give the same bits as the first time.
 TEST_P(CpuReplicaTest, ComputingAGradientAgainOverAPartialSumGivesTheSameBits) {
   const models::ModelSpec spec = small_spec(GetParam());
   const kernels::SgdHyper hyper{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-4f};

@@ -12,12 +12,12 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/allreducer.h"
-#include "collectives/context.h"
-#include "collectives/loopback_transport.h"
-#include "collectives/ring_allreduce.h"
+#include "collectives/allreduce/allreducer.h"
+#include "collectives/transport/context.h"
+#include "collectives/transport/loopback_transport.h"
+#include "collectives/allreduce/ring_allreduce.h"
 #include "ring_test_util.h"
-#include "runtime/timeline.h"
+#include "runtime/observe/timeline.h"
 
 namespace resync::collectives {
 namespace {

@@ -1,6 +1,6 @@
 // ProgressReporter on a fake clock: the live line (rewritten with '\r', rate-limited, padded
 // over a longer old line, ended by finish()), plain lines every N seconds, the ETA and modes.
-#include "runtime/progress.h"
+#include "runtime/observe/progress.h"
 
 #include <gtest/gtest.h>
 

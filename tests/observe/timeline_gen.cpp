@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/timeline.h"
+#include "runtime/observe/timeline.h"
 
 using resync::runtime::Lane;
 using resync::runtime::PhaseRecorder;

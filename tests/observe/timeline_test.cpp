@@ -1,6 +1,6 @@
 // Timeline: disabled costs nothing, events and their nesting, the overflow cap, the JSON file
 // (written by finish() or, after a failure, by the destructor) and the phase recorder.
-#include "runtime/timeline.h"
+#include "runtime/observe/timeline.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

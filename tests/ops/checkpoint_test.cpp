@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "runtime/checkpoint.h"
-#include "runtime/preemption.h"
+#include "runtime/io/checkpoint.h"
+#include "runtime/train/preemption.h"
 
 namespace resync::runtime {
 namespace {

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "runtime/dataset.h"
-#include "runtime/idx.h"
+#include "runtime/io/dataset.h"
+#include "runtime/io/idx.h"
 
 namespace fs = std::filesystem;
 using resync::DataError;

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "base/error.h"
-#include "runtime/inject_delay.h"
+#include "runtime/train/inject_delay.h"
 
 using namespace resync::runtime;
 

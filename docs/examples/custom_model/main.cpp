@@ -10,7 +10,7 @@
 #include "models/layer.h"
 #include "models/layers.h"
 #include "models/model.h"
-#include "runtime/cli.h"
+#include "runtime/io/cli.h"
 
 namespace {
 

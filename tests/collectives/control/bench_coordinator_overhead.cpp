@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "base/log.h"
-#include "collectives/tcp_control.h"
+#include "collectives/control/tcp_control.h"
 
 namespace {
 

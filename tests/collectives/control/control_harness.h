@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/control_plane.h"
+#include "collectives/control/control_plane.h"
 
 namespace resync::collectives::testing {
 

@@ -1,6 +1,6 @@
 // Tests of the control-plane pieces without sockets: orders of a closed round, the wire format,
 // the job token, and the in-process hub with ranks as threads.
-#include "collectives/control_plane.h"
+#include "collectives/control/control_plane.h"
 
 #include <gtest/gtest.h>
 

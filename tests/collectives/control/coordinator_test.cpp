@@ -1,5 +1,5 @@
 // Unit tests of the coordinator's decision logic, driven by explicit events and a fake clock.
-#include "collectives/coordinator.h"
+#include "collectives/control/coordinator.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -11,7 +11,7 @@
 #include <set>
 
 #include "base/error.h"
-#include "collectives/control_plane.h"
+#include "collectives/control/control_plane.h"
 
 namespace resync::collectives {
 namespace {

@@ -1,6 +1,6 @@
 // End-to-end tests of the TCP control plane in one process: the coordinator server and one
 // client thread per rank on 127.0.0.1, plus raw sockets playing strangers on the control port.
-#include "collectives/tcp_control.h"
+#include "collectives/control/tcp_control.h"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>

@@ -11,11 +11,11 @@
 #include <mutex>
 #include <vector>
 
-#include "collectives/context.h"
-#include "collectives/control_plane.h"
-#include "collectives/loopback_transport.h"
-#include "collectives/ring_allreduce.h"
-#include "collectives/state_transfer.h"
+#include "collectives/transport/context.h"
+#include "collectives/control/control_plane.h"
+#include "collectives/transport/loopback_transport.h"
+#include "collectives/allreduce/ring_allreduce.h"
+#include "collectives/state/state_transfer.h"
 
 namespace resync::collectives {
 namespace {

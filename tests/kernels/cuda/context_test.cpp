@@ -18,7 +18,7 @@
 #include "kernels/cuda/maxpool.h"
 #include "kernels/cuda/relu.h"
 #include "kernels/cuda/softmax_xent.h"
-#include "runtime/device_info.h"
+#include "runtime/tools/device_info.h"
 
 namespace resync::kernels::cuda {
 namespace {

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "base/error.h"
-#include "collectives/nccl_allreduce.h"
-#include "collectives/world.h"
+#include "collectives/allreduce/nccl_allreduce.h"
+#include "collectives/transport/world.h"
 #include "kernels/cuda/context.h"
 #include "tests/mpi_test_util.h"
 

@@ -1,6 +1,6 @@
 // Under mpirun, what works without a GPU: the node-local rank that picks each rank's GPU, the MPI
 // CUDA-awareness query, and NcclAllreduce's one-line DeviceError on every rank without a device.
-#include "collectives/nccl_allreduce.h"
+#include "collectives/allreduce/nccl_allreduce.h"
 
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -8,7 +8,7 @@
 #include <string>
 
 #include "base/error.h"
-#include "collectives/world.h"
+#include "collectives/transport/world.h"
 #include "kernels/cuda/context.h"
 #include "tests/mpi_test_util.h"
 

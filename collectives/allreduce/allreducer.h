@@ -1,0 +1,112 @@
+// Allreducer: the gradient all-reduce of the training loop. Per call it picks shared memory
+// (participants on one node), a latency-optimal exchange (small buffers) or the ring.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "collectives/transport/context.h"
+#include "collectives/allreduce/ring_allreduce.h"
+#include "collectives/allreduce/shm_allreduce.h"
+#include "collectives/allreduce/small_allreduce.h"
+
+namespace resync::collectives {
+
+enum class AllreducePath : uint8_t {
+  kLocal,      // one participant or no data: nothing to exchange
+  kSmall,      // SmallAllreduce: every participant sends its buffer to every other one
+  kRing,       // RingAllreduce: pipelined reduce-scatter + all-gather over the transport
+  kShmSmall,   // ShmAllreduce::allreduce_small: all buffers published in shared memory
+  kShm,        // ShmAllreduce::allreduce_blocked: reduce-scatter + all-gather in shared memory
+  kShmDirect,  // ShmAllreduce::allreduce_direct: as kShm, data in shared_buffer(), no copies
+};
+
+// "local", "small", "ring", "shm-small", "shm", "shm-direct".
+const char* path_name(AllreducePath path);
+// The path named `name`, or nullopt.
+std::optional<AllreducePath> path_from_name(const std::string& name);
+
+enum class ShmUse : uint8_t {
+  kAuto,  // shared memory among the ranks of a node when the transport is an MpiTransport
+  kOff,   // point-to-point paths only
+};
+
+struct AllreducerOptions {
+  RingOptions ring{};  // the point-to-point ring (across nodes, or without shared memory)
+  ShmOptions shm{};
+  ShmUse use_shm = ShmUse::kAuto;
+  // Largest buffer, in bytes, that takes a latency-optimal path (kSmall, kShmSmall); nullopt:
+  // the thresholds measured on the development machine (see docs/benchmarks.md).
+  std::optional<size_t> small_max_bytes = std::nullopt;
+  // Forces this path for every call (benchmarks, tests); a call the path cannot serve (shared
+  // memory with a participant on another node, a small path above its limit) throws
+  // InvalidArgument. kLocal is still taken for one participant or no data.
+  std::optional<AllreducePath> force = std::nullopt;
+  // Largest buffer expected, in floats, to size buffers once up front (0: on first use).
+  size_t max_elems = 0;
+};
+
+// One instance per Context, constructed by every rank at start-up; reuse it every step. Not
+// thread-safe. When ctx's transport is an MpiTransport (and use_shm is kAuto) the constructor
+// is collective over that transport's communicator: it creates the node's shared-memory
+// window. With any other transport (loopback) it is local and only the point-to-point paths
+// exist.
+//
+// Contract of every path (as RingAllreduce): in-place float sum over the sorted participant
+// list; every participant passes the same list, element count and seq; all participants end
+// with bitwise-identical buffers; ranks outside the list are never waited for; a participant
+// that does not show up makes the others throw TimeoutError after ctx.timeout(). The path is
+// a function of (element count, participant list, options, whether the data lies in
+// shared_buffer()), so participants agree on it without talking. The shared-memory paths also
+// need each call of a rank to use a seq that differs from its two previous calls' (the step
+// does).
+class Allreducer {
+ public:
+  explicit Allreducer(Context& ctx, AllreducerOptions options = {});
+  ~Allreducer();
+  Allreducer(const Allreducer&) = delete;
+  Allreducer& operator=(const Allreducer&) = delete;
+
+  void allreduce_sum(std::span<float> data, std::span<const int> participants, uint64_t seq);
+  // Over every rank of the context with seq = ctx.next_sequence().
+  void allreduce_sum(std::span<float> data);
+
+  // The path a call with these arguments takes (validates nothing).
+  AllreducePath path_for(std::span<const float> data, std::span<const int> participants) const;
+
+  // This rank's part of the node's shared-memory window (options.shm.direct_elems floats;
+  // empty without shared memory). A buffer placed there (e.g. the gradients) is summed
+  // without staging copies (kShmDirect) whenever every participant passes its own shared
+  // buffer; participants that disagree get a CommError.
+  std::span<float> shared_buffer() const;
+  AllreducePath last_path() const { return last_path_; }
+  // Sees the ring's reduce-scatter and all-gather, and every other non-local path as one
+  // kWhole phase. Not owned; must outlive the calls made while set. nullptr turns it off.
+  void set_phase_observer(PhaseObserver* observer);
+  // Whether the shared-memory window exists, and the ranks it spans (1 without it).
+  bool has_shm() const { return shm_ != nullptr; }
+  int node_size() const { return shm_ ? shm_->node_size() : 1; }
+  // The shared-memory all-reducer itself (e.g. for a ShmStateBoard over its shared buffers);
+  // nullptr without shared memory. Owned by this Allreducer.
+  ShmAllreduce* shm() const { return shm_.get(); }
+  // One line for the start-up log: paths available and thresholds.
+  std::string describe() const;
+
+ private:
+  size_t small_max_bytes(AllreducePath path, int p) const;
+
+  Context& ctx_;
+  AllreducerOptions options_;
+  RingAllreduce ring_;
+  SmallAllreduce small_;
+  std::unique_ptr<ShmAllreduce> shm_;
+  std::vector<int> world_;
+  PhaseObserver* observer_ = nullptr;
+  AllreducePath last_path_ = AllreducePath::kLocal;
+};
+
+}  // namespace resync::collectives

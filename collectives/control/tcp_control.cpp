@@ -1,0 +1,710 @@
+#include "collectives/control/tcp_control.h"
+
+#include <arpa/inet.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cmath>
+#include <list>
+#include <thread>
+
+#include "base/error.h"
+#include "base/log.h"
+
+namespace resync::collectives {
+
+namespace {
+
+using detail::errno_text;
+using detail::RecvStatus;
+using detail::seconds;
+using detail::throw_sys;
+using detail::to_timespec;
+using wire::Message;
+using wire::MsgType;
+
+Message message_of(MsgType type) {
+  Message msg;
+  msg.type = type;
+  return msg;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+struct TcpControlServer::Impl {
+  struct Conn {
+    detail::UniqueFd fd;
+    std::string peer;  // ip:port, for logs
+    int rank = -1;     // -1 until its HELLO is accepted
+    std::string host;  // from the HELLO
+    CoordTime hello_deadline;
+    std::vector<uint8_t> in;
+    std::vector<uint8_t> out;
+    size_t out_sent = 0;
+    bool eof = false;         // the peer closed, or the socket failed
+    bool write_shut = false;  // shutdown(SHUT_WR) done while draining
+    bool refused = false;     // to be closed and forgotten
+  };
+  enum class Phase { kStartup, kRunning, kDraining, kDone };
+
+  explicit Impl(const TcpServerOptions& options);
+  void run();
+  void step();
+  std::optional<CoordTime> next_wake() const;
+  void accept_all(CoordTime now);
+  void read_some(Conn& conn);
+  void flush(Conn& conn);
+  void send(Conn& conn, const Message& msg);
+  void handle_pending(Conn& conn, CoordTime now);
+  void refuse(Conn& conn, const std::string& reason);
+  void handle_frames(Conn& conn, CoordTime now);
+  void apply(Decisions&& d, CoordTime now);
+  void abort_all(const std::string& reason, CoordTime now);
+  void drain(CoordTime now);
+  std::string who(int rank) const;
+
+  TcpServerOptions opts;
+  JobToken token;
+  std::string host;
+  uint16_t port = 0;
+  detail::UniqueFd listen_fd;
+  detail::UniqueFd wake_fd;  // eventfd: the destructor wakes the thread through it
+  std::shared_ptr<spdlog::logger> log;
+  std::atomic<size_t> n_refused{0};
+  std::atomic<bool> shutdown{false};
+  mutable std::mutex mu;
+  std::optional<std::string> abort_reason;  // guarded by mu
+
+  // Owned by the coordinator thread once it runs.
+  Phase phase = Phase::kStartup;
+  std::list<Conn> conns;  // std::list: by_rank keeps pointers into it
+  std::vector<Conn*> by_rank;
+  std::optional<Coordinator> coordinator;
+  CoordTime startup_deadline;
+  CoordTime linger_deadline;
+  std::thread thread;
+};
+
+TcpControlServer::Impl::Impl(const TcpServerOptions& options) : opts(options) {
+  opts.coordinator.validate();
+  RESYNC_CHECK_ARG(std::isfinite(opts.startup_timeout_s) && opts.startup_timeout_s > 0,
+                   "control plane: start-up timeout must be > 0 s");
+  RESYNC_CHECK_ARG(std::isfinite(opts.hello_timeout_s) && opts.hello_timeout_s > 0,
+                   "control plane: HELLO timeout must be > 0 s");
+  RESYNC_CHECK_ARG(std::isfinite(opts.linger_s) && opts.linger_s >= 0,
+                   "control plane: linger time must be >= 0 s");
+  log = log::get("coll");
+  token = JobToken::random();
+
+  listen_fd.reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!listen_fd.valid()) throw_sys("control plane: socket", errno);
+  const int one = 1;
+  if (setsockopt(listen_fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) {
+    throw_sys("control plane: setsockopt(SO_REUSEADDR)", errno);
+  }
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = htons(opts.port);
+  if (::bind(listen_fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    throw_sys(fmt::format("control plane: bind to port {}", opts.port), errno);
+  }
+  if (::listen(listen_fd.get(), SOMAXCONN) != 0) throw_sys("control plane: listen", errno);
+  socklen_t len = sizeof(addr);
+  if (getsockname(listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    throw_sys("control plane: getsockname", errno);
+  }
+  port = ntohs(addr.sin_port);
+  host = opts.advertise_host.empty() ? detail::reachable_address() : opts.advertise_host;
+
+  wake_fd.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!wake_fd.valid()) throw_sys("control plane: eventfd", errno);
+  by_rank.assign(static_cast<size_t>(opts.coordinator.world_size), nullptr);
+  startup_deadline = CoordClock::now() + seconds(opts.startup_timeout_s);
+}
+
+std::string TcpControlServer::Impl::who(int rank) const {
+  const Conn* conn = by_rank[static_cast<size_t>(rank)];
+  if (conn == nullptr || conn->host.empty()) return fmt::format("rank {}", rank);
+  return fmt::format("rank {} ({})", rank, conn->host);
+}
+
+void TcpControlServer::Impl::run() {
+  try {
+    while (phase != Phase::kDone) step();
+  } catch (const std::exception& e) {
+    // The thread must not die silently: tell every client, so no rank waits forever.
+    const std::string reason = fmt::format("the coordinator failed: {}", e.what());
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!abort_reason) abort_reason = reason;
+    }
+    log->error("control: {}", reason);
+    Message abort = message_of(MsgType::kAbort);
+    abort.text = reason;
+    for (Conn& conn : conns) {
+      if (conn.rank < 0 || conn.eof) continue;
+      conn.out.clear();
+      conn.out_sent = 0;
+      wire::append_frame(abort, conn.out);
+      flush(conn);
+    }
+  }
+  conns.clear();
+  by_rank.assign(by_rank.size(), nullptr);
+}
+
+std::optional<CoordTime> TcpControlServer::Impl::next_wake() const {
+  std::optional<CoordTime> wake;
+  auto consider = [&wake](CoordTime t) {
+    if (!wake || t < *wake) wake = t;
+  };
+  if (phase == Phase::kStartup) consider(startup_deadline);
+  if (phase == Phase::kRunning) {
+    if (auto d = coordinator->next_deadline()) consider(*d);
+  }
+  if (phase == Phase::kDraining) consider(linger_deadline);
+  if (phase == Phase::kStartup || phase == Phase::kRunning) {
+    for (const Conn& conn : conns) {
+      if (conn.rank < 0) consider(conn.hello_deadline);
+    }
+  }
+  return wake;
+}
+
+void TcpControlServer::Impl::step() {
+  const bool accepting = phase == Phase::kStartup || phase == Phase::kRunning;
+  std::vector<pollfd> fds;
+  std::vector<Conn*> polled;
+  fds.push_back({wake_fd.get(), POLLIN, 0});
+  if (accepting) fds.push_back({listen_fd.get(), POLLIN, 0});
+  const size_t first_conn = fds.size();
+  for (Conn& conn : conns) {
+    if (conn.eof) continue;
+    short events = POLLIN;
+    if (conn.out_sent < conn.out.size()) events |= POLLOUT;
+    fds.push_back({conn.fd.get(), events, 0});
+    polled.push_back(&conn);
+  }
+
+  // Sleep in the kernel until a socket is readable or the next deadline: never spin.
+  const auto before = CoordClock::now();
+  const auto wake = next_wake();
+  timespec wait{};
+  if (wake) wait = to_timespec(*wake - before);
+  const int n_ready = ::ppoll(fds.data(), fds.size(), wake ? &wait : nullptr, nullptr);
+  if (n_ready < 0) {
+    if (errno == EINTR) return;
+    throw_sys("control plane: ppoll", errno);
+  }
+  const auto now = CoordClock::now();
+
+  if (fds[0].revents != 0) {
+    uint64_t count = 0;
+    while (::read(wake_fd.get(), &count, sizeof(count)) < 0 && errno == EINTR) {
+    }
+  }
+  if (shutdown.load()) {
+    abort_all("the coordinator shut down before the job finished (rank 0 is exiting)", now);
+  }
+  if (accepting && (fds[1].revents & POLLIN) != 0) accept_all(now);
+  for (size_t i = 0; i < polled.size(); ++i) {
+    const short revents = fds[first_conn + i].revents;
+    if ((revents & POLLOUT) != 0) flush(*polled[i]);
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) != 0) read_some(*polled[i]);
+  }
+
+  if (phase == Phase::kStartup || phase == Phase::kRunning) {
+    for (Conn& conn : conns) {
+      if (conn.rank < 0) handle_pending(conn, now);
+    }
+  }
+  if (phase == Phase::kStartup) {
+    const auto n_connected = static_cast<size_t>(
+        std::count_if(by_rank.begin(), by_rank.end(), [](const Conn* c) { return c != nullptr; }));
+    for (const Conn* conn : by_rank) {
+      if (conn != nullptr && conn->eof) {
+        abort_all(who(conn->rank) + " closed its control connection during start-up", now);
+        break;
+      }
+    }
+    if (phase == Phase::kStartup && n_connected == by_rank.size()) {
+      coordinator.emplace(opts.coordinator, now);
+      phase = Phase::kRunning;
+      log->info("control: all {} ranks connected; coordinator running", by_rank.size());
+    } else if (phase == Phase::kStartup && now >= startup_deadline) {
+      std::vector<int> missing;
+      for (size_t r = 0; r < by_rank.size(); ++r) {
+        if (by_rank[r] == nullptr) missing.push_back(static_cast<int>(r));
+      }
+      abort_all(
+          fmt::format("start-up: only {} of {} ranks connected to the control plane at "
+                      "{}:{} within {:g} s; missing ranks {}",
+                      n_connected, by_rank.size(), host, port, opts.startup_timeout_s, missing),
+          now);
+    }
+  }
+  if (phase == Phase::kRunning) {
+    for (Conn* conn : by_rank) {
+      if (phase != Phase::kRunning) break;
+      handle_frames(*conn, now);
+    }
+    for (Conn* conn : by_rank) {
+      if (phase != Phase::kRunning) break;
+      if (conn->eof) apply(coordinator->connection_lost(conn->rank, now, conn->host), now);
+    }
+    if (phase == Phase::kRunning) apply(coordinator->tick(now), now);
+  }
+  if (phase == Phase::kDraining) drain(now);
+  conns.remove_if([](const Conn& c) { return c.refused; });
+}
+
+void TcpControlServer::Impl::accept_all(CoordTime now) {
+  while (true) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    const int fd = ::accept4(listen_fd.get(), reinterpret_cast<sockaddr*>(&addr), &len,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      // EMFILE and friends: keep serving the ranks already connected.
+      log->warn("control: accept failed: {}", errno_text(errno));
+      return;
+    }
+    Conn& conn = conns.emplace_back();
+    conn.fd.reset(fd);
+    conn.peer = detail::peer_name(addr);
+    conn.hello_deadline = now + seconds(opts.hello_timeout_s);
+    detail::set_nodelay(fd);
+  }
+}
+
+void TcpControlServer::Impl::read_some(Conn& conn) {
+  while (!conn.eof) {
+    // An unknown peer gets no more than a HELLO's worth of buffer.
+    if (conn.rank < 0 && conn.in.size() > wire::kMaxHelloBytes + wire::kFrameHeaderBytes) return;
+    int err = 0;
+    const size_t before = conn.in.size();
+    const RecvStatus status = detail::recv_append(conn.fd.get(), conn.in, err);
+    if (phase == Phase::kDraining) conn.in.resize(before);  // the job is over: discard
+    if (status == RecvStatus::kData) continue;
+    if (status == RecvStatus::kWouldBlock) return;
+    conn.eof = true;  // orderly close or a reset: the peer is gone either way
+  }
+}
+
+void TcpControlServer::Impl::flush(Conn& conn) {
+  while (conn.out_sent < conn.out.size() && !conn.eof) {
+    const ssize_t n = ::send(conn.fd.get(), conn.out.data() + conn.out_sent,
+                             conn.out.size() - conn.out_sent, MSG_NOSIGNAL);
+    if (n > 0) {
+      conn.out_sent += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;  // POLLOUT resumes it
+    conn.eof = true;
+  }
+  conn.out.clear();
+  conn.out_sent = 0;
+}
+
+void TcpControlServer::Impl::send(Conn& conn, const Message& msg) {
+  if (conn.eof) return;
+  wire::append_frame(msg, conn.out);
+  flush(conn);
+}
+
+void TcpControlServer::Impl::refuse(Conn& conn, const std::string& reason) {
+  // Counted before the socket closes, so a peer that sees EOF also sees the count.
+  n_refused.fetch_add(1);
+  log->warn("control: refused a connection from {}: {}; the job goes on", conn.peer, reason);
+  conn.refused = true;
+}
+
+void TcpControlServer::Impl::handle_pending(Conn& conn, CoordTime now) {
+  if (conn.refused) return;
+  Message msg;
+  size_t used = 0;
+  try {
+    used = wire::decode_frame(conn.in, wire::kMaxHelloBytes, msg);
+  } catch (const CommError& e) {
+    refuse(conn, e.what());
+    return;
+  }
+  if (used == 0) {
+    if (conn.eof) {
+      refuse(conn, "closed before presenting the job token");
+    } else if (now >= conn.hello_deadline) {
+      refuse(conn, fmt::format("no HELLO within {:g} s", opts.hello_timeout_s));
+    }
+    return;
+  }
+  if (msg.type != MsgType::kHello) return refuse(conn, "the first message is not a HELLO");
+  if (!(msg.token == token)) return refuse(conn, "wrong job token");
+  if (msg.rank >= static_cast<int>(by_rank.size())) {
+    return refuse(conn, fmt::format("rank {} outside [0, {})", msg.rank, by_rank.size()));
+  }
+  if (by_rank[static_cast<size_t>(msg.rank)] != nullptr) {
+    return refuse(conn, fmt::format("rank {} is already connected", msg.rank));
+  }
+  conn.rank = msg.rank;
+  conn.host = msg.text;
+  conn.in.erase(conn.in.begin(), conn.in.begin() + static_cast<std::ptrdiff_t>(used));
+  by_rank[static_cast<size_t>(msg.rank)] = &conn;
+  log->debug("control: {} connected from {}", who(conn.rank), conn.peer);
+  send(conn, message_of(MsgType::kWelcome));
+}
+
+void TcpControlServer::Impl::handle_frames(Conn& conn, CoordTime now) {
+  size_t offset = 0;
+  while (phase == Phase::kRunning) {
+    Message msg;
+    size_t used = 0;
+    try {
+      used = wire::decode_frame(std::span<const uint8_t>(conn.in).subspan(offset),
+                                wire::kMaxFrameBytes, msg);
+    } catch (const CommError& e) {
+      abort_all(fmt::format("{} sent a malformed control message: {}", who(conn.rank), e.what()),
+                now);
+      break;
+    }
+    if (used == 0) break;
+    offset += used;
+    switch (msg.type) {
+      case MsgType::kReady:
+        apply(coordinator->ready(conn.rank, msg.step, now), now);
+        break;
+      case MsgType::kFinish:
+        apply(coordinator->finish(conn.rank, msg.step, now), now);
+        break;
+      case MsgType::kBusy:
+        apply(coordinator->busy(conn.rank, msg.step, now), now);
+        break;
+      case MsgType::kFailed:
+        log->warn("control: {} reports a failed all-reduce or catch-up for step {}", who(conn.rank),
+                  msg.step);
+        apply(coordinator->failed(conn.rank, msg.step, now), now);
+        break;
+      case MsgType::kStop:
+        log->info("control: {} asked all ranks to stop", who(conn.rank));
+        apply(coordinator->stop_requested(conn.rank, now), now);
+        break;
+      default:
+        abort_all(fmt::format("{} sent an unexpected control message (type {})", who(conn.rank),
+                              static_cast<int>(msg.type)),
+                  now);
+        break;
+    }
+  }
+  conn.in.erase(conn.in.begin(),
+                conn.in.begin() + static_cast<std::ptrdiff_t>(std::min(offset, conn.in.size())));
+}
+
+void TcpControlServer::Impl::apply(Decisions&& d, CoordTime now) {
+  for (const ClosedRound& round : d.closed) {
+    log_closed_round(round);
+    for (auto& [rank, order] : orders_for(round)) {
+      Message msg = message_of(MsgType::kOrder);
+      msg.order = std::move(order);
+      send(*by_rank[static_cast<size_t>(rank)], msg);
+    }
+    if (round.final_round) {
+      log->info("control: final round closed after {} steps ({} late ranks caught up)", round.step,
+                round.catchups.size());
+      phase = Phase::kDraining;
+      linger_deadline = now + seconds(opts.linger_s);
+    }
+  }
+  for (const EarlyCatchUp& early : d.early) {
+    log_early_catch_up(early);
+    for (auto& [rank, order] : orders_for(early)) {
+      Message msg = message_of(MsgType::kOrder);
+      msg.order = std::move(order);
+      send(*by_rank[static_cast<size_t>(rank)], msg);
+    }
+  }
+  if (d.stall) {
+    std::vector<std::string> missing;
+    for (int rank : d.stall->missing) missing.push_back(who(rank));
+    log->warn(
+        "control: no step closed for {:.1f} s; step {} is waiting for {} (late, to be "
+        "caught up: {})",
+        d.stall->stalled_s, d.stall->step, fmt::join(missing, ", "), d.stall->late_queued);
+  }
+  if (d.abort) abort_all(*d.abort, now);
+}
+
+void TcpControlServer::Impl::abort_all(const std::string& reason, CoordTime now) {
+  if (phase == Phase::kDraining || phase == Phase::kDone) return;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!abort_reason) abort_reason = reason;
+  }
+  log->error("control: aborting the job: {}", reason);
+  Message msg = message_of(MsgType::kAbort);
+  msg.text = reason;
+  for (Conn& conn : conns) {
+    if (conn.rank >= 0) send(conn, msg);
+  }
+  phase = Phase::kDraining;
+  linger_deadline = now + seconds(opts.linger_s);
+}
+
+void TcpControlServer::Impl::drain(CoordTime now) {
+  // Closing while a client still has unread orders could reset the connection and destroy
+  // them, so wait (up to linger_s) until every client has read its last order and closed.
+  bool all_closed = true;
+  for (Conn& conn : conns) {
+    if (conn.rank < 0) {
+      conn.refused = true;  // the job is over: unknown peers are just closed
+      continue;
+    }
+    if (conn.out_sent < conn.out.size()) {
+      all_closed = false;
+      continue;
+    }
+    if (!conn.write_shut && !conn.eof) {
+      ::shutdown(conn.fd.get(), SHUT_WR);
+      conn.write_shut = true;
+    }
+    if (!conn.eof) all_closed = false;
+  }
+  if (all_closed || now >= linger_deadline) {
+    if (!all_closed && opts.linger_s > 0) {
+      log->warn("control: some clients did not close their connection within {:g} s",
+                opts.linger_s);
+    }
+    phase = Phase::kDone;
+  }
+}
+
+TcpControlServer::TcpControlServer(const TcpServerOptions& options)
+    : impl_(std::make_unique<Impl>(options)) {
+  const CoordinatorConfig& c = impl_->opts.coordinator;
+  impl_->log->info(
+      "control: coordinator listening on {} for {} ranks (backup workers {}, "
+      "straggler timeout {} ms, min quorum {}, stall warning {:g} s, stall abort "
+      "{:g} s)",
+      address(), c.world_size, c.backup_workers, c.straggler_timeout_ms, c.min_quorum,
+      c.stall_warning_s, c.stall_abort_s);
+  impl_->thread = std::thread([impl = impl_.get()] { impl->run(); });
+}
+
+TcpControlServer::~TcpControlServer() {
+  impl_->shutdown.store(true);
+  const uint64_t one = 1;
+  while (::write(impl_->wake_fd.get(), &one, sizeof(one)) < 0 && errno == EINTR) {
+  }
+  impl_->thread.join();
+}
+
+std::string TcpControlServer::address() const {
+  return fmt::format("{}:{}", impl_->host, impl_->port);
+}
+const JobToken& TcpControlServer::token() const { return impl_->token; }
+std::string TcpControlServer::endpoint() const {
+  return fmt::format("{}:{}", address(), impl_->token.hex());
+}
+uint16_t TcpControlServer::port() const { return impl_->port; }
+size_t TcpControlServer::refused_connections() const { return impl_->n_refused.load(); }
+std::optional<std::string> TcpControlServer::abort_reason() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->abort_reason;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+TcpControlClient::TcpControlClient(const std::string& address, const JobToken& token, int rank,
+                                   const TcpClientOptions& options)
+    : address_(address), rank_(rank) {
+  RESYNC_CHECK_ARG(rank >= 0, fmt::format("control client: rank {} is negative", rank));
+  RESYNC_CHECK_ARG(std::isfinite(options.connect_timeout_s) && options.connect_timeout_s > 0,
+                   "control client: connect timeout must be > 0 s");
+  const auto deadline = CoordClock::now() + seconds(options.connect_timeout_s);
+  fd_ = detail::connect_before(address, deadline, rank);
+
+  Message hello = message_of(MsgType::kHello);
+  hello.token = token;
+  hello.rank = rank;
+  hello.text = detail::local_host_name();
+  send_frame(hello);
+  Message reply;
+  try {
+    const double left = std::chrono::duration<double>(deadline - CoordClock::now()).count();
+    reply = receive(std::max(left, 0.001));
+  } catch (const CommError& e) {
+    close_connection();
+    throw CommError(
+        fmt::format("rank {}: the coordinator at {} did not accept the connection "
+                    "(wrong job token, rank already connected or out of range?): {}",
+                    rank, address, e.what()));
+  }
+  if (reply.type == MsgType::kAbort) {
+    close_connection();
+    throw CommError(fmt::format("rank {}: job aborted by the coordinator: {}", rank, reply.text));
+  }
+  if (reply.type != MsgType::kWelcome) {
+    close_connection();
+    throw CommError(fmt::format("rank {}: unexpected reply (type {}) to HELLO from {}", rank,
+                                static_cast<int>(reply.type), address));
+  }
+}
+
+std::unique_ptr<TcpControlClient> TcpControlClient::connect(const std::string& endpoint, int rank,
+                                                            const TcpClientOptions& options) {
+  const size_t colon = endpoint.rfind(':');
+  RESYNC_CHECK_ARG(colon != std::string::npos && colon > 0,
+                   fmt::format("control endpoint '{}' is not host:port:token", endpoint));
+  const JobToken token = JobToken::from_hex(std::string_view(endpoint).substr(colon + 1));
+  return std::make_unique<TcpControlClient>(endpoint.substr(0, colon), token, rank, options);
+}
+
+TcpControlClient::~TcpControlClient() = default;
+
+StepOrder TcpControlClient::ready(uint64_t step) { return exchange(MsgType::kReady, step); }
+
+StepOrder TcpControlClient::finish(uint64_t n_steps) { return exchange(MsgType::kFinish, n_steps); }
+
+StepOrder TcpControlClient::failed(uint64_t step) { return exchange(MsgType::kFailed, step); }
+
+StepOrder TcpControlClient::next_order() {
+  if (ended_) throw CommError(*ended_);
+  try {
+    return take_order(receive(-1.0));
+  } catch (const CommError& e) {
+    ended_ = e.what();
+    close_connection();
+    throw;
+  }
+}
+
+std::optional<StepOrder> TcpControlClient::busy(uint64_t step, std::chrono::nanoseconds max_wait) {
+  if (ended_) throw CommError(*ended_);
+  try {
+    Message report = message_of(MsgType::kBusy);
+    report.step = step;
+    send_frame(report);
+    std::optional<Message> reply = receive_until(CoordClock::now() + max_wait);
+    if (!reply) return std::nullopt;  // a partial frame stays in in_ for ready()
+    return take_order(std::move(*reply));
+  } catch (const CommError& e) {
+    ended_ = e.what();
+    close_connection();
+    throw;
+  }
+}
+
+void TcpControlClient::request_stop() {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  if (!fd_.valid()) return;  // the job is already over; the error, if any, reaches ready()
+  send_locked(message_of(MsgType::kStop));
+}
+
+StepOrder TcpControlClient::exchange(MsgType type, uint64_t step) {
+  if (ended_) throw CommError(*ended_);
+  try {
+    Message report = message_of(type);
+    report.step = step;
+    send_frame(report);
+    return take_order(receive(-1.0));
+  } catch (const CommError& e) {
+    ended_ = e.what();
+    close_connection();
+    throw;
+  }
+}
+
+StepOrder TcpControlClient::take_order(Message reply) {
+  if (reply.type == MsgType::kOrder) {
+    if (reply.order.final_round) {
+      ended_ = fmt::format("rank {}: the control channel is closed after the final order", rank_);
+      close_connection();
+    }
+    return std::move(reply.order);
+  }
+  if (reply.type == MsgType::kAbort) {
+    throw CommError(fmt::format("rank {}: job aborted by the coordinator: {}", rank_, reply.text));
+  }
+  throw CommError(fmt::format("rank {}: unexpected control message (type {}) from {}", rank_,
+                              static_cast<int>(reply.type), address_));
+}
+
+void TcpControlClient::send_frame(const Message& msg) {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  RESYNC_CHECK(fd_.valid(), fmt::format("rank {}: control connection used after closing", rank_));
+  send_locked(msg);
+}
+
+void TcpControlClient::send_locked(const Message& msg) {
+  std::vector<uint8_t> frame;
+  wire::append_frame(msg, frame);
+  const int err = detail::send_all(fd_.get(), frame);
+  if (err != 0) {
+    throw CommError(
+        fmt::format("rank {}: lost the control connection to the coordinator at "
+                    "{} (rank 0 died?): {}",
+                    rank_, address_, errno_text(err)));
+  }
+}
+
+Message TcpControlClient::receive(double timeout_s) {
+  std::optional<CoordTime> deadline;
+  if (timeout_s >= 0) deadline = CoordClock::now() + seconds(timeout_s);
+  std::optional<Message> msg = receive_until(deadline);
+  if (!msg) {
+    throw CommError(fmt::format("rank {}: no reply from the coordinator at {} within {:g} s", rank_,
+                                address_, timeout_s));
+  }
+  return std::move(*msg);
+}
+
+std::optional<Message> TcpControlClient::receive_until(std::optional<CoordTime> deadline) {
+  while (true) {
+    Message msg;
+    const size_t used = wire::decode_frame(in_, wire::kMaxFrameBytes, msg);
+    if (used > 0) {
+      in_.erase(in_.begin(), in_.begin() + static_cast<std::ptrdiff_t>(used));
+      return msg;
+    }
+    // Sleeps in the kernel until the coordinator speaks: a waiting rank burns no CPU.
+    if (deadline &&
+        !detail::wait_readable(fd_.get(), deadline, fmt::format("rank {}: control plane", rank_))) {
+      return std::nullopt;
+    }
+    int err = 0;
+    const RecvStatus status = detail::recv_append(fd_.get(), in_, err);
+    if (status == RecvStatus::kClosed) {
+      throw CommError(
+          fmt::format("rank {}: the coordinator at {} closed the control connection "
+                      "(rank 0 died or exited)",
+                      rank_, address_));
+    }
+    if (status == RecvStatus::kError) {
+      throw CommError(
+          fmt::format("rank {}: lost the control connection to the coordinator at "
+                      "{}: {}",
+                      rank_, address_, errno_text(err)));
+    }
+  }
+}
+
+void TcpControlClient::close_connection() {
+  std::lock_guard<std::mutex> lock(write_mu_);
+  fd_.reset();
+}
+
+}  // namespace resync::collectives
