@@ -378,4 +378,25 @@ void check_resumable(const Checkpoint& ckpt, const std::string& path, const std:
   }
 }
 
+std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
+                             std::span<const std::span<float>> state) {
+  RESYNC_CHECK_ARG(!state.empty(), "checkpoint: a state without parameters");
+  std::vector<float> optimizer_state;
+  for (std::span<const float> buffer : state.subspan(1)) {
+    optimizer_state.insert(optimizer_state.end(), buffer.begin(), buffer.end());
+  }
+  return write_checkpoint(dir, meta, state[0], optimizer_state);
+}
+
+void restore_state(const Checkpoint& ckpt, const std::string& path, const std::string& model,
+                   const StateLayout& layout, std::span<const std::span<float>> state) {
+  RESYNC_CHECK_ARG(state.size() == layout.n_parts(), "checkpoint: state parts and layout differ");
+  check_resumable(ckpt, path, model, layout.n_params, layout.n_optimizer_floats());
+  std::copy(ckpt.params.begin(), ckpt.params.end(), state[0].begin());
+  for (size_t j = 0; j < layout.n_optimizer_buffers; ++j) {
+    const auto first = ckpt.optimizer_state.begin() + static_cast<ptrdiff_t>(j * layout.n_params);
+    std::copy(first, first + static_cast<ptrdiff_t>(layout.n_params), state[1 + j].begin());
+  }
+}
+
 }  // namespace resync::runtime

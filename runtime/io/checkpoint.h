@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "base/state_layout.h"
+
 namespace resync::runtime {
 
 // File layout, little-endian:
@@ -63,6 +65,11 @@ std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
                              std::span<const float> params,
                              std::span<const float> optimizer_state);
 
+// The same for a state given as StateLayout's parts (parameters, then each optimizer buffer,
+// stored one after the other as the optimizer state).
+std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
+                             std::span<const std::span<float>> state);
+
 // Reads and validates a checkpoint file. Throws DataError naming the file and what is wrong
 // (unreadable, truncated, not a checkpoint, unsupported version, CRC mismatch, malformed).
 Checkpoint read_checkpoint(const std::string& path);
@@ -87,5 +94,9 @@ std::optional<LoadedCheckpoint> load_latest_checkpoint(const std::string& dir);
 // `n_params` parameters and `n_state` optimizer values.
 void check_resumable(const Checkpoint& ckpt, const std::string& path, const std::string& model,
                      size_t n_params, size_t n_state);
+
+// check_resumable for `layout`, then copies the checkpoint into `state` (StateLayout's parts).
+void restore_state(const Checkpoint& ckpt, const std::string& path, const std::string& model,
+                   const StateLayout& layout, std::span<const std::span<float>> state);
 
 }  // namespace resync::runtime

@@ -15,6 +15,9 @@ namespace resync::runtime {
 
 class SgdOptimizer {
  public:
+  // Its state beside the parameters (StateLayout::n_optimizer_buffers): the velocity.
+  static constexpr size_t kBuffers = 1;
+
   SgdOptimizer(size_t n_params, kernels::SgdHyper hyper)
       : hyper_(hyper), owned_(n_params, 0.0f), velocity_(owned_) {}
 
@@ -29,6 +32,12 @@ class SgdOptimizer {
   // grad_scale folds in the 1/|participants| average of the all-reduced sum.
   void step(std::span<float> params, std::span<const float> grads, float grad_scale) {
     kernels::sgd_momentum_update(params, velocity_, grads, grad_scale, hyper_);
+  }
+
+  // params -= lr * v: the parameter half of step(), for a rank that holds the parameters before
+  // an update and the velocity after it (the same bits as step()).
+  void apply_velocity(std::span<float> params) const {
+    kernels::sgd_apply_velocity(params, velocity_, hyper_.lr);
   }
 
   // Moves the velocity into `storage` (at least as many floats as parameters, kept alive by the

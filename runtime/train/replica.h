@@ -9,6 +9,7 @@
 #include <span>
 #include <string>
 
+#include "base/state_layout.h"
 #include "kernels/sgd.h"
 #include "models/model.h"
 
@@ -42,26 +43,33 @@ class Replica {
   // the state, InvalidArgument otherwise). Returns false if this replica keeps its own (the CUDA
   // replica's is pinned host memory).
   virtual bool place_gradients(std::span<float> storage) = 0;
-  // Moves the live parameters into `params` and the optimizer velocity into `velocity`, e.g.
-  // into the node's shared-memory window, so that a late peer copies the state straight out of
-  // it. Each span holds >= n_params() floats, is kept alive by the caller and overlaps neither
-  // the other, the gradient buffer nor the other half's current place (InvalidArgument
-  // otherwise, nothing changed). The values move along; host_state() then returns the first
-  // n_params() floats of each. Returns false, changing nothing, if the state does not live in
-  // host memory (the CUDA replica keeps it on the device: use download_state()/host_state()).
-  virtual bool place_state(std::span<float> params, std::span<float> velocity) = 0;
+  // The parts of the state (parameters, then the optimizer's buffers) and their length.
+  virtual StateLayout state_layout() const = 0;
+  // Moves the live state into `storage` (>= state_layout().n_floats() floats, the parts back to
+  // back as StateLayout says), e.g. into the node's shared-memory window, so that a late peer
+  // copies the state straight out of it. The storage is kept alive by the caller and must not
+  // overlap the gradient buffer (InvalidArgument otherwise, nothing changed). The values move
+  // along; host_state() then views `storage`. Returns false, changing nothing, if the state does
+  // not live in host memory (the CUDA replica keeps it on the device: use download_state()).
+  virtual bool place_state(std::span<float> storage) = 0;
 
   // Applies the gradient now in the gradient buffer, scaled by grad_scale (1/|participants| for
   // a summed gradient), with SGD-momentum on the device where the parameters live.
   virtual void apply_gradients(float grad_scale) = 0;
 
-  // Host views of the full state {parameters, optimizer velocity}, for checksums, catch-up
-  // transfers and checkpoints. On CUDA they are a host mirror: download_state() fills it from
-  // the device, upload_state() sends a change made to it (catch-up, resume) back. On CPU both
-  // are no-ops and the views alias the live state (the storage given to place_state, if any).
-  virtual std::array<std::span<float>, 2> host_state() = 0;
+  // Host views of the full state, one span per StateLayout part (parameters first), for
+  // checksums, catch-up transfers and checkpoints. On CUDA they are a host mirror:
+  // download_state() fills it from the device, upload_state() sends a change made to it
+  // (catch-up, resume) back. On CPU both are no-ops and the views alias the live state (the
+  // storage given to place_state, if any).
+  virtual std::span<const std::span<float>> host_state() = 0;
   virtual void download_state() = 0;
   virtual void upload_state() = 0;
+  // On the host view: the parameters after an update whose optimizer buffers host_state()
+  // already holds, from the parameters before it (bit for bit what the update computed). A
+  // late rank one step behind receives only the optimizer buffers and calls this; then
+  // upload_state().
+  virtual void apply_update_from_optimizer_state() = 0;
 
   // Forward only on host inputs (0 <= n <= max_batch): summed loss, correct count and n.
   virtual models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) = 0;

@@ -26,7 +26,9 @@ class CpuReplica final : public Replica {
  public:
   CpuReplica(const models::ModelSpec& spec, size_t max_batch, uint64_t seed,
              const kernels::SgdHyper& hyper)
-      : model_(models::make_model(spec, max_batch, seed)), optimizer_(model_->n_params(), hyper) {}
+      : model_(models::make_model(spec, max_batch, seed)),
+        optimizer_(model_->n_params(), hyper),
+        state_{model_->params(), optimizer_.state()} {}
 
   std::string describe() const override { return model_->describe() + " on cpu"; }
   std::string model_description() const override { return model_->describe(); }
@@ -44,34 +46,39 @@ class CpuReplica final : public Replica {
     model_->place_gradients(storage);
     return true;
   }
-  bool place_state(std::span<float> params, std::span<float> velocity) override {
+  StateLayout state_layout() const override {
+    return {.n_params = n_params(), .n_optimizer_buffers = SgdOptimizer::kBuffers};
+  }
+  bool place_state(std::span<float> storage) override {
     // Every check before any move, so that a rejected placement leaves the replica as it was.
-    const size_t n = n_params();
-    RESYNC_CHECK_ARG(params.size() >= n && velocity.size() >= n,
-                     fmt::format("replica: state storage of {} and {} floats for {} parameters",
-                                 params.size(), velocity.size(), n));
-    params = params.first(n);
-    velocity = velocity.first(n);
-    RESYNC_CHECK_ARG(!overlap(params, velocity),
-                     "replica: parameter storage overlaps velocity storage");
-    RESYNC_CHECK_ARG(!overlap(params, model_->grads()) && !overlap(velocity, model_->grads()),
+    const StateLayout layout = state_layout();
+    RESYNC_CHECK_ARG(storage.size() >= layout.n_floats(),
+                     fmt::format("replica: state storage of {} floats for {} parameters and {} "
+                                 "optimizer buffer(s)",
+                                 storage.size(), layout.n_params, layout.n_optimizer_buffers));
+    storage = storage.first(layout.n_floats());
+    const std::span<float> params = layout.part(storage, 0);
+    const std::span<float> velocity = layout.part(storage, 1);
+    RESYNC_CHECK_ARG(!overlap(storage, model_->grads()),
                      "replica: state storage overlaps the gradient buffer");
-    // Each half moves on its own: one landing on the other's current place would clobber it.
+    // Each part moves on its own: one landing on the other's current place would clobber it.
     RESYNC_CHECK_ARG(!overlap(params, optimizer_.state()) && !overlap(velocity, model_->params()),
                      "replica: state storage overlaps the other half of the current state");
     model_->place_parameters(params);
     optimizer_.place_state(velocity);
+    state_ = {model_->params(), optimizer_.state()};
     return true;
   }
   void apply_gradients(float grad_scale) override {
     optimizer_.step(model_->params(), model_->grads(), grad_scale);
   }
 
-  std::array<std::span<float>, 2> host_state() override {
-    return {model_->params(), optimizer_.state()};
-  }
+  std::span<const std::span<float>> host_state() override { return state_; }
   void download_state() override {}
   void upload_state() override {}
+  void apply_update_from_optimizer_state() override {
+    optimizer_.apply_velocity(model_->params());
+  }
 
   models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) override {
     return model_->evaluate(x, y, n);
@@ -87,6 +94,7 @@ class CpuReplica final : public Replica {
  private:
   std::unique_ptr<models::Model> model_;
   SgdOptimizer optimizer_;
+  std::array<std::span<float>, 1 + SgdOptimizer::kBuffers> state_;  // host_state()
 };
 
 }  // namespace

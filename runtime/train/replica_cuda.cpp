@@ -322,9 +322,10 @@ class CudaReplica final : public Replica {
   std::span<float> gradient_buffer() override { return grads_host_->span(); }
   bool place_gradients(std::span<float> /*storage*/) override { return false; }
   // The live state is device memory; peers get it through download_state() and host_state().
-  bool place_state(std::span<float> /*params*/, std::span<float> /*velocity*/) override {
-    return false;
+  StateLayout state_layout() const override {
+    return {.n_params = n_params_, .n_optimizer_buffers = 1};  // SGD's velocity
   }
+  bool place_state(std::span<float> /*storage*/) override { return false; }
 
   void apply_gradients(float grad_scale) override {
     ctx_.make_current();
@@ -338,8 +339,12 @@ class CudaReplica final : public Replica {
     ctx_.synchronize();
   }
 
-  std::array<std::span<float>, 2> host_state() override {
-    return {params_host_->span(), velocity_host_->span()};
+  std::span<const std::span<float>> host_state() override {
+    host_state_ = {params_host_->span(), velocity_host_->span()};
+    return host_state_;
+  }
+  void apply_update_from_optimizer_state() override {
+    kernels::sgd_apply_velocity(params_host_->span(), velocity_host_->span(), hyper_.lr);
   }
 
   void download_state() override {
@@ -357,6 +362,10 @@ class CudaReplica final : public Replica {
     ctx_.synchronize();
   }
 
+ private:
+  std::array<std::span<float>, 2> host_state_;  // what host_state() returns
+
+ public:
   models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) override {
     models::EvalResult result;
     result.count = n;

@@ -121,8 +121,8 @@ TEST_P(CudaReplicaTest, PlaceStateDeclinesAndChangesNothing) {
   gpu->download_state();
   const auto before = gpu->host_state();
   const std::vector<float> params_before(before[0].begin(), before[0].end());
-  std::vector<float> params(gpu->n_params(), -7.0f), velocity(gpu->n_params(), -7.0f);
-  EXPECT_FALSE(gpu->place_state(params, velocity));
+  std::vector<float> params(gpu->state_layout().n_floats(), -7.0f);
+  EXPECT_FALSE(gpu->place_state(params));
   EXPECT_EQ(gpu->host_state()[0].data(), before[0].data());
   EXPECT_EQ(gpu->host_state()[1].data(), before[1].data());
   EXPECT_EQ(params.front(), -7.0f) << "place_state wrote the storage it declined";

@@ -140,6 +140,25 @@ TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
   expect_same_bits(b->host_state()[1], a->host_state()[1], "velocity after catch-up");
 }
 
+// The catch-up of a rank one step behind: it receives only the optimizer buffers and recomputes
+// the parameters from its own, bit for bit what the donor's update computed.
+TEST_P(CpuReplicaTest, UpdateFromOptimizerStateMatchesTheDonorsUpdate) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const kernels::SgdHyper hyper{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-4f};
+  std::unique_ptr<Replica> donor = make_replica("cpu", spec, 4, 1, hyper, 0);
+  std::unique_ptr<Replica> late = make_replica("cpu", spec, 4, 1, hyper, 0);
+  for (int step = 0; step < 3; ++step) {
+    const Batch batch = seeded_batch(spec, 4, 60 + step);
+    donor->compute_gradients(batch.x.data(), batch.y.data(), 4);
+    donor->apply_gradients(1.0f);
+    const auto from = donor->host_state();
+    const auto to = late->host_state();
+    for (size_t k = 1; k < from.size(); ++k) std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    late->apply_update_from_optimizer_state();
+    expect_same_bits(to[0], from[0], "parameters after step " + std::to_string(step));
+  }
+}
+
 // The straggler-mode layout: state and gradient in one window, placed before training (gradient
 // first, as the all-reducer does) or after a step (state first); either way, no bit changes and
 // host_state() is the window.
@@ -152,17 +171,19 @@ TEST_P(CpuReplicaTest, PlacedStateTrainsBitIdenticallyAndHostStateIsTheStorage) 
     std::unique_ptr<Replica> reference = make_replica("cpu", spec, max_batch, 3, hyper, 0);
     std::unique_ptr<Replica> placed = make_replica("cpu", spec, max_batch, 3, hyper, 0);
     const size_t n = placed->n_params();
-    // [params][pad][velocity][pad][gradient][pad], pads poisoned to catch stray writes.
-    std::vector<float> window(3 * n + 3, -7.0f);
+    // [params][velocity][pad][gradient][pad] (StateLayout's parts back to back), pads poisoned
+    // to catch stray writes.
+    std::vector<float> window(3 * n + 2, -7.0f);
+    ASSERT_EQ(placed->state_layout(), (StateLayout{.n_params = n, .n_optimizer_buffers = 1}));
     const std::span<float> params = std::span(window).first(n);
-    const std::span<float> velocity = std::span(window).subspan(n + 1, n + 1);
-    const std::span<float> grads = std::span(window).subspan(2 * n + 2, n);
+    const std::span<float> velocity = std::span(window).subspan(n, n + 1);
+    const std::span<float> grads = std::span(window).subspan(2 * n + 1, n);
     for (int step = 0; step < 4; ++step) {
       if (step == at_step) {
         if (at_step == 0) {
           ASSERT_TRUE(placed->place_gradients(grads)) << what;
         }
-        ASSERT_TRUE(placed->place_state(params, velocity)) << what;
+        ASSERT_TRUE(placed->place_state(std::span(window).first(2 * n))) << what;
         if (at_step != 0) {
           ASSERT_TRUE(placed->place_gradients(grads)) << what;
         }
@@ -183,8 +204,7 @@ TEST_P(CpuReplicaTest, PlacedStateTrainsBitIdenticallyAndHostStateIsTheStorage) 
     EXPECT_EQ(placed->gradient_buffer().data(), grads.data()) << what;
     expect_same_bits(params, reference->host_state()[0], what + ": parameters");
     expect_same_bits(velocity.first(n), reference->host_state()[1], what + ": velocity");
-    EXPECT_EQ(window[n], -7.0f) << what << ": wrote past the parameters";
-    EXPECT_EQ(window[2 * n + 1], -7.0f) << what << ": wrote past the velocity";
+    EXPECT_EQ(window[2 * n], -7.0f) << what << ": wrote past the velocity";
     EXPECT_EQ(window.back(), -7.0f) << what << ": wrote past the gradient";
 
     // A catch-up writes the storage (here: a fresh replica's state, zero velocity): the next
@@ -211,31 +231,25 @@ TEST_P(CpuReplicaTest, PlaceStateRejectsSmallOrOverlappingStorage) {
   const size_t n = r->n_params();
   const auto before = r->host_state();
   const std::vector<float> params_before(before[0].begin(), before[0].end());
-  std::vector<float> window(3 * n);
-  const std::span<float> a = std::span(window).first(n);
-  const std::span<float> b = std::span(window).subspan(n, n);
-  const std::span<float> c = std::span(window).subspan(2 * n, n);
-  EXPECT_THROW(r->place_state(a, b.first(n - 1)), InvalidArgument) << "velocity too small";
-  EXPECT_THROW(r->place_state(a.first(n - 1), b), InvalidArgument) << "parameters too small";
-  EXPECT_THROW(r->place_state(a, std::span(window).subspan(n - 1, n)), InvalidArgument)
-      << "parameters and velocity overlap";
-  ASSERT_TRUE(r->place_gradients(c));
-  EXPECT_THROW(r->place_state(a, std::span(window).subspan(n + 1, n)), InvalidArgument)
+  std::vector<float> window(4 * n);
+  const std::span<float> window_span(window);
+  EXPECT_THROW(r->place_state(window_span.first(2 * n - 1)), InvalidArgument) << "too small";
+  ASSERT_TRUE(r->place_gradients(window_span.subspan(3 * n, n)));
+  EXPECT_THROW(r->place_state(window_span.subspan(n + 1, 2 * n)), InvalidArgument)
       << "velocity overlaps the gradient";
-  EXPECT_THROW(r->place_state(std::span(window).subspan(n + 1, n), a), InvalidArgument)
-      << "parameters overlap the gradient";
   const auto after = r->host_state();
   EXPECT_EQ(after[0].data(), before[0].data()) << "a rejected placement moved the parameters";
   EXPECT_EQ(after[1].data(), before[1].data()) << "a rejected placement moved the velocity";
   expect_same_bits(after[0], params_before, "parameters after rejected placements");
 
-  ASSERT_TRUE(r->place_state(a, b));
-  // Swapping the halves in one call would overwrite one with the other.
-  EXPECT_THROW(r->place_state(b, a), InvalidArgument) << "halves swapped";
-  EXPECT_THROW(r->place_gradients(b), InvalidArgument) << "gradient onto the velocity";
+  ASSERT_TRUE(r->place_state(window_span.first(2 * n)));
+  // Moving by one part would land the parameters on the current velocity before it moved.
+  EXPECT_THROW(r->place_state(window_span.subspan(n, 2 * n)), InvalidArgument) << "shifted";
+  EXPECT_THROW(r->place_gradients(window_span.subspan(n, n)), InvalidArgument)
+      << "gradient onto the velocity";
   expect_same_bits(r->host_state()[0], params_before, "parameters after placement");
-  EXPECT_EQ(r->host_state()[0].data(), a.data());
-  EXPECT_EQ(r->host_state()[1].data(), b.data());
+  EXPECT_EQ(r->host_state()[0].data(), window.data());
+  EXPECT_EQ(r->host_state()[1].data(), window.data() + n);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CpuReplicaTest, ::testing::Values("mlp", "cnn"));
