@@ -4,66 +4,34 @@
 // evaluation and checkpoints on rank 0. A stop at the next step boundary when any rank receives
 // SIGTERM/SIGUSR1 (all ranks agree through the coordinator).
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
-#include <exception>
-#include <functional>
 #include <memory>
-#include <optional>
-#include <thread>
 
-#include "base/error.h"
 #include "base/log.h"
-#include "collectives/transport/context.h"
 #include "collectives/control/control_plane.h"
+#include "collectives/control/tcp_control.h"
+#include "collectives/transport/context.h"
 #include "collectives/transport/mpi_session.h"
 #include "collectives/transport/mpi_transport.h"
-#ifdef RESYNC_WITH_CUDA
-#include "collectives/allreduce/nccl_allreduce.h"
-#endif
-#include "collectives/allreduce/allreducer.h"
-#include "collectives/state/shm_state.h"
-#include "collectives/control/tcp_control.h"
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
-#include "models/model.h"
-#include "runtime/io/checkpoint.h"
-#include "runtime/train/checksum.h"
-#include "runtime/io/dataset.h"
-#include "runtime/train/inject_delay.h"
-#include "runtime/train/optimizer.h"
-#include "runtime/train/preemption.h"
 #include "runtime/observe/progress.h"
 #include "runtime/observe/timeline.h"
-#include "runtime/train/train.h"
-#include "runtime/train/replica.h"
+#include "runtime/train/checksum.h"
+#include "runtime/train/inject_delay.h"
+#include "runtime/train/preemption.h"
+#include "runtime/train/rank_zero_duties.h"
 #include "runtime/train/step_executor.h"
+#include "runtime/train/sync_setup.h"
+#include "runtime/train/train.h"
 #include "runtime/train/train_common.h"
 
 namespace resync::runtime {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// `shared_state_node`: per rank, the node whose shared memory holds its state, or -1
-// (CoordinatorConfig::shared_state_node); empty at set-up, before the window exists.
-collectives::CoordinatorConfig coordinator_config(const TrainConfig& cfg, int world,
-                                                  std::vector<int> shared_state_node = {}) {
-  collectives::CoordinatorConfig c;
-  c.world_size = world;
-  c.backup_workers = cfg.backup_workers;
-  c.straggler_timeout_ms = static_cast<int64_t>(std::llround(cfg.straggler_timeout_ms));
-  c.min_quorum = cfg.min_quorum;
-  c.stall_warning_s = cfg.stall_warning_s;
-  c.stall_abort_s = cfg.stall_abort_s;
-  c.repair_window_ms = cfg.ring_timeout_ms;
-  c.early_catch_up = cfg.early_catch_up;
-  c.shared_state_node = std::move(shared_state_node);
-  return c;
-}
 
 // The ranks of [0, world) not in `members` (sorted), into `out` (its capacity is reused).
 void complement(const std::vector<int>& members, int world, std::vector<int>& out) {
@@ -77,226 +45,6 @@ void complement(const std::vector<int>& members, int world, std::vector<int>& ou
     }
   }
 }
-
-// Runs `fn` on every rank and agrees on success, as agreed_setup does: the lowest failing rank
-// rethrows its error (one report), the others throw PeerSetupFailed.
-void agreed(int rank, int world, const std::function<void()>& fn) {
-  std::exception_ptr error;
-  try {
-    fn();
-  } catch (const Error&) {
-    error = std::current_exception();
-  }
-  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
-  if (first_failed == rank) std::rethrow_exception(error);
-  if (first_failed < world) throw PeerSetupFailed();
-}
-
-CheckpointMeta checkpoint_meta(const Setup& s, uint64_t step) {
-  return {.step = step,
-          .model = s.replica->model_description(),
-          .world_size = s.world,
-          .seed = s.cfg.seed,
-          .batch_size = s.cfg.batch_size};
-}
-
-struct ResumePoint {
-  uint64_t step = 0;  // the first step to train
-  std::string path;   // the checkpoint loaded; empty for a fresh start
-};
-
-// Rank 0 checks that --checkpoint-dir is writable. With --resume, rank 0 picks the newest valid
-// checkpoint and every rank loads that same file into `state` (the directory
-// must be shared, as it must be anyway for a job requeued on other nodes). Runs before the
-// control plane exists, so a bad checkpoint ends the job like bad flags: one line, exit 2.
-ResumePoint restore_checkpoint(const Setup& s, std::span<const std::span<float>> state) {
-  const TrainConfig& cfg = s.cfg;
-  if (cfg.checkpoint_dir.empty()) return {};
-  auto log = log::get("ckpt");
-  std::optional<LoadedCheckpoint> latest;
-  agreed(s.rank, s.world, [&] {
-    if (s.rank != 0) return;
-    prepare_checkpoint_dir(cfg.checkpoint_dir);
-    if (cfg.resume) latest = load_latest_checkpoint(cfg.checkpoint_dir);
-  });
-  if (!cfg.resume) return {};
-  const std::string path = collectives::broadcast_string(latest ? latest->path : "", 0);
-  if (path.empty()) {
-    if (s.rank == 0) {
-      log->info("--resume: no checkpoint in {}; starting from step 0", cfg.checkpoint_dir);
-    }
-    return {};
-  }
-  CheckpointMeta meta;
-  agreed(s.rank, s.world, [&] {
-    Checkpoint c = latest ? std::move(latest->checkpoint) : read_checkpoint(path);
-    restore_state(c, path, s.replica->model_description(), s.replica->state_layout(), state);
-    meta = std::move(c.meta);
-  });
-  if (s.rank == 0) {
-    log->info("resumed from {} at step {} (epoch {})", path, meta.step,
-              s.sampler.epoch_of(meta.step));
-    const CheckpointMeta now = checkpoint_meta(s, meta.step);
-    if (meta.world_size != now.world_size || meta.seed != now.seed ||
-        meta.batch_size != now.batch_size) {
-      log->warn("the checkpoint was written by a run with {} ranks, seed {}, batch size {}; this "
-                "run has {}, {}, {}: its batches differ from an uninterrupted run's",
-                meta.world_size, meta.seed, meta.batch_size, now.world_size, now.seed,
-                now.batch_size);
-    }
-    if (meta.step >= s.total_steps) {
-      log->warn("the checkpoint is at step {}, this run has {} steps: nothing left to train",
-                meta.step, s.total_steps);
-    }
-  }
-  return {meta.step, path};
-}
-
-// Which signal stopped the run and where, on every rank (only the signalled ranks know): the
-// lowest signalled rank's. Collective; every rank calls it when the final order says `stop`.
-struct StopReason {
-  std::string signal = "a stop request";
-  int rank = -1;
-};
-StopReason agreed_stop_reason(const PreemptionSignals& signals, int rank, int world) {
-  const int signalled = collectives::lowest_failed_rank(signals.received() != 0);
-  if (signalled >= world) return {};
-  return {collectives::broadcast_string(
-              rank == signalled ? PreemptionSignals::name(signals.received()) : "", signalled),
-          signalled};
-}
-
-#ifdef RESYNC_WITH_CUDA
-// --collective nccl (plain sync on GPUs, which validate_for_world enforces): NCCL over the
-// device gradient; every rank takes part, so the members are all of them.
-class NcclGradientExchange final : public GradientExchange {
- public:
-  explicit NcclGradientExchange(Replica& replica)
-      : replica_(replica), nccl_(MPI_COMM_WORLD, replica.cuda_device()) {}
-  void allreduce_sum(std::span<const int> /*members*/, uint64_t /*seq*/) override {
-    nccl_.allreduce(replica_.device_gradient_buffer(), collectives::NcclReduceOp::kSum);
-  }
-
- private:
-  Replica& replica_;
-  collectives::NcclAllreduce nccl_;
-};
-#endif
-
-// The NCCL exchange for --device cuda --collective nccl, else nullptr (the ring over the host
-// gradient); sets where the replica leaves its gradient.
-std::unique_ptr<GradientExchange> make_device_exchange(const TrainConfig& cfg, Replica& replica,
-                                                       int rank) {
-  if (cfg.device != "cuda") return nullptr;
-  const GpuExchangeChoice choice =
-      choose_gpu_exchange(cfg.collective, collectives::describe(collectives::mpi_cuda_support()));
-  if (rank == 0) log::get("train")->info("gradient exchange on GPUs: {}", choice.reason);
-  replica.set_gradient_location(choice.location);
-  if (choice.exchange != GpuExchange::kNccl) return nullptr;
-#ifdef RESYNC_WITH_CUDA
-  return std::make_unique<NcclGradientExchange>(replica);
-#else
-  throw DeviceError("--collective nccl: this build has no CUDA support");
-#endif
-}
-
-// The replica as the step protocol sees it; a retried all-reduce recomputes this rank's batch.
-class ReplicaStepState final : public StepState {
- public:
-  ReplicaStepState(Replica& replica, Setup& s) : replica_(replica), s_(s) {}
-  std::span<float> gradient() override { return replica_.gradient_buffer(); }
-  void recompute_gradient() override {
-    replica_.compute_gradients(s_.x.data(), s_.y.data(), s_.cfg.batch_size);
-  }
-  void apply_update(float grad_scale) override { replica_.apply_gradients(grad_scale); }
-  StateLayout layout() const override { return replica_.state_layout(); }
-  std::span<const std::span<float>> host_state() override { return replica_.host_state(); }
-  void download_state() override { replica_.download_state(); }
-  void upload_state() override { replica_.upload_state(); }
-  void apply_update_from_optimizer_state() override {
-    replica_.apply_update_from_optimizer_state();
-  }
-
- private:
-  Replica& replica_;
-  Setup& s_;
-};
-
-// Rank 0's duties between steps: evaluation after every epoch (and at the end), periodic
-// checkpoints. Its state after a step is the run's (participants agree bitwise; a rank that
-// caught up holds the donor's).
-class RankZeroDuties {
- public:
-  RankZeroDuties(Setup& s, Timeline& timeline, ProgressReporter& progress, uint64_t start_step,
-                 std::string resumed_from)
-      : s_(s),
-        timeline_(timeline),
-        progress_(progress),
-        epochs_evaluated_(start_step / s.sampler.steps_per_epoch()),
-        last_checkpoint_(start_step),
-        last_checkpoint_path_(std::move(resumed_from)) {}
-
-  // Evaluates when this rank has completed an epoch (its step counter passed a boundary).
-  void maybe_evaluate(uint64_t completed_steps, double train_loss) {
-    const size_t epochs_done = completed_steps / s_.sampler.steps_per_epoch();
-    const bool last = completed_steps == s_.total_steps;
-    if (s_.rank != 0 || (epochs_done <= epochs_evaluated_ && !last)) return;
-    if (last && last_eval_.step == completed_steps) return;
-    epochs_evaluated_ = epochs_done;
-    {
-      auto span = timeline_.span("eval", static_cast<int64_t>(completed_steps));
-      last_eval_ = evaluate(*s_.replica, s_.data.test, s_.cfg.batch_size, s_.x, s_.y);
-    }
-    last_eval_.epoch = s_.sampler.epoch_of(completed_steps - 1);
-    last_eval_.step = completed_steps;
-    last_eval_.elapsed_s = ms_since(start_) / 1000.0;
-    s_.metrics.eval(last_eval_);
-    progress_.clear_line();  // the log line must not run on from the live progress line
-    log::get("train")->info(
-        "epoch {} step {}: test accuracy {:.4f}, test loss {:.4f}, train loss {:.4f}, {:.1f} s",
-        last_eval_.epoch, last_eval_.step, last_eval_.test_accuracy, last_eval_.test_loss,
-        train_loss, last_eval_.elapsed_s);
-  }
-
-  void maybe_checkpoint(uint64_t completed_steps) {  // a catch-up may skip steps
-    const uint64_t every = s_.cfg.checkpoint_every;
-    if (s_.rank != 0 || every == 0) return;
-    if (completed_steps / every > last_checkpoint_ / every) write_checkpoint_at(completed_steps);
-  }
-
-  // The end of the run: a checkpoint unless the last one is of this step.
-  void final_checkpoint(uint64_t steps) {
-    if (s_.rank != 0 || s_.cfg.checkpoint_dir.empty()) return;
-    if (last_checkpoint_ != steps || last_checkpoint_path_.empty()) write_checkpoint_at(steps);
-  }
-
-  const EvalRecord& last_eval() const { return last_eval_; }
-  const std::string& last_checkpoint_path() const { return last_checkpoint_path_; }
-
- private:
-  void write_checkpoint_at(uint64_t completed_steps) {
-    auto span = timeline_.span("checkpoint", static_cast<int64_t>(completed_steps));
-    const Clock::time_point t0 = Clock::now();
-    s_.replica->download_state();
-    last_checkpoint_path_ = write_checkpoint(s_.cfg.checkpoint_dir,
-                                             checkpoint_meta(s_, completed_steps),
-                                             s_.replica->host_state());
-    prune_checkpoints(s_.cfg.checkpoint_dir, s_.cfg.checkpoint_keep);
-    last_checkpoint_ = completed_steps;
-    progress_.clear_line();
-    log::get("ckpt")->info("checkpoint {} written ({:.0f} ms)", last_checkpoint_path_,
-                           ms_since(t0));
-  }
-
-  Setup& s_;
-  Timeline& timeline_;
-  ProgressReporter& progress_;
-  const Clock::time_point start_ = Clock::now();
-  size_t epochs_evaluated_;
-  EvalRecord last_eval_;
-  uint64_t last_checkpoint_;
-  std::string last_checkpoint_path_;
-};
 
 }  // namespace
 
@@ -322,39 +70,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   // Data plane: MPI on a private communicator. Control plane: TCP to rank 0's coordinator.
   collectives::MpiTransport transport;
   collectives::Context ctx(transport);
-  // Shared memory among the ranks of a node, a latency-optimal path for small buffers, the
-  // pipelined ring otherwise; every path runs over the step's participants only. Each rank's
-  // part of the node's window holds its gradient and, with stragglers on the CPU, its state
-  // (StateLayout::window_*): a late rank copies that state itself (ShmStateBoard).
-  const bool state_in_shm = straggler_mode && replica.cuda_device() < 0;
-  collectives::Allreducer allreducer(
-      ctx, {.ring = {.segment_bytes = cfg.segment_kib * 1024},
-            .shm = {.direct_elems = state_in_shm ? layout.window_floats() : layout.n_params},
-            .max_elems = layout.n_params});
+  GradientPlane plane = make_gradient_plane(cfg, replica, ctx, straggler_mode, rank, world);
+  collectives::Allreducer& allreducer = *plane.allreducer;
   ctx.set_timeout(straggler_mode ? std::chrono::milliseconds(cfg.ring_timeout_ms)
                                  : std::chrono::milliseconds(std::chrono::hours(24 * 365)));
-  // The gradient exchange: resync's all-reducer over the host gradient buffer (pinned on a GPU),
-  // or, for plain sync on GPUs with --collective nccl, NCCL over the device gradient.
-  std::unique_ptr<GradientExchange> exchange = make_device_exchange(cfg, replica, rank);
-  const bool nccl = exchange != nullptr;
-  const std::span<float> window = allreducer.shared_buffer();
-  if (!nccl && window.size() >= layout.n_params) {
-    replica.place_gradients(layout.window_gradient(window));
-  }
-  if (!nccl) exchange = std::make_unique<AllreducerExchange>(allreducer, replica.gradient_buffer());
-  std::unique_ptr<collectives::ShmStateBoard> board;
-  if (state_in_shm && allreducer.shm() != nullptr && window.size() >= layout.window_floats() &&
-      replica.place_state(layout.window_state(window))) {
-    board = std::make_unique<collectives::ShmStateBoard>(
-        *allreducer.shm(), layout.window_state_offset(), layout.n_floats());
-  }
-  // Ranks with the same id copy each other's state: the lowest rank of the node.
-  int state_node = -1;
-  for (int r = 0; board && r < world && state_node < 0; ++r) {
-    if (board->covers(r)) state_node = r;
-  }
-  std::vector<int> shared_state_node = collectives::gather_from_ranks(state_node);
-  const auto n_state_in_shm = std::count_if(shared_state_node.begin(), shared_state_node.end(),
+  const auto n_state_in_shm = std::count_if(plane.shared_state_node.begin(),
+                                            plane.shared_state_node.end(),
                                             [](int n) { return n >= 0; });
 
   // On the CPU the host state is the live one; on a GPU a mirror, sent back after a resume.
@@ -368,7 +89,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
     collectives::TcpServerOptions options;
-    options.coordinator = coordinator_config(cfg, world, std::move(shared_state_node));
+    options.coordinator = coordinator_config(cfg, world, std::move(plane.shared_state_node));
     options.coordinator.first_step = start_step;  // a resumed run keeps its step numbers
     coordinator = std::make_unique<collectives::TcpControlServer>(options);
   }
@@ -401,7 +122,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   StepExecutor executor(
       {.straggler_mode = straggler_mode,
        .state_timeout = std::chrono::milliseconds(cfg.ring_timeout_ms)},
-      ctx, *control, *exchange, step_state, board.get(), *timeline);
+      ctx, *control, *plane.exchange, step_state, plane.board.get(), *timeline);
   executor.resumed_at(start_step);
   RankZeroDuties duties(s, *timeline, progress, start_step, resumed.path);
   const Clock::time_point start = Clock::now();
@@ -443,7 +164,7 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       duties.maybe_checkpoint(step);
       continue;
     }
-    if (rank == 0 && step == start_step && !nccl) {
+    if (rank == 0 && step == start_step && !plane.nccl) {
       log->info("step {}: all-reduce of {} floats over {} ranks took the {} path", step,
                 layout.n_params, report.order->participants.size(),
                 collectives::path_name(allreducer.last_path()));
