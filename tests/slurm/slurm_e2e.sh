@@ -282,8 +282,7 @@ scenario_preempt() {
   check_job "$preempt_job"
   [[ -f $preempt_dir/metrics-run1.jsonl ]] || fail "the requeued run wrote no metrics-run1.jsonl"
   check_summary "$preempt_dir/metrics-run1.jsonl" $PREEMPT_STEPS
-  python3 - "$preempt_dir" "$PREEMPT_STEPS" <<'PY' ||
-    fail "the preemption run did not stop and resume"
+  python3 - "$preempt_dir" "$PREEMPT_STEPS" <<'PY' || fail "preemption: no stop and resume"
 import json, sys
 d, total = sys.argv[1], int(sys.argv[2])
 first = [json.loads(l) for l in open(f"{d}/metrics-run0.jsonl") if l.strip()]
