@@ -1,8 +1,8 @@
 // The straggler-tolerant step end to end in one process: ranks as threads over the loopback
 // transport and the in-process control hub, a deterministic "gradient" per rank and step, the
 // ring over each step's participants, and catch-up by state transfer. Checks the invariants of
-// DESIGN.md: the reduced sum is the sum of the participants' gradients, a slow rank is left out
-// and caught up, and every rank ends with the same parameters.
+// docs/DESIGN.md: the reduced sum is the sum of the participants' gradients, a slow rank is left
+// out and caught up, and every rank ends with the same parameters.
 #include <gtest/gtest.h>
 
 #include <algorithm>
