@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "collectives/transport/context.h"
-#include "collectives/control/control_plane.h"
+#include "collectives/control/local_hub.h"
 #include "collectives/transport/loopback_transport.h"
 #include "collectives/allreduce/ring_allreduce.h"
 #include "collectives/state/state_transfer.h"
