@@ -16,13 +16,11 @@ struct MpiAllreducePeer::Comm {
   }
 };
 
-MpiAllreducePeer::MpiAllreducePeer(std::span<const int> members)
-    : comm_(std::make_unique<Comm>()) {
+MpiAllreducePeer::MpiAllreducePeer(std::span<const int> members) : comm_(std::make_unique<Comm>()) {
   int rank = 0;
   RESYNC_CHECK_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
   const bool member = std::binary_search(members.begin(), members.end(), rank);
-  RESYNC_CHECK_MPI(
-      MPI_Comm_split(MPI_COMM_WORLD, member ? 0 : MPI_UNDEFINED, rank, &comm_->comm));
+  RESYNC_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, member ? 0 : MPI_UNDEFINED, rank, &comm_->comm));
 }
 
 MpiAllreducePeer::~MpiAllreducePeer() = default;

@@ -20,7 +20,6 @@ using wire::MsgType;
 
 }  // namespace
 
-
 TcpControlClient::TcpControlClient(const std::string& address, const JobToken& token, int rank,
                                    const TcpClientOptions& options)
     : address_(address), rank_(rank) {

@@ -36,7 +36,6 @@ using wire::MsgType;
 
 }  // namespace
 
-
 struct TcpControlServer::Impl {
   struct Conn {
     detail::UniqueFd fd;
