@@ -26,14 +26,15 @@ std::string blas_version();
 // The kernel set the BLAS picked for this CPU at load time, e.g. "Haswell" or "Prescott".
 std::string blas_core();
 
+// The OPENBLAS_CORETYPE that would give this CPU fast kernels when OpenBLAS picked slow ones
+// (OpenBLAS 0.3.21 does not recognise recent Xeons and falls back to SSE3), else empty.
+std::string blas_recommended_coretype();
+
 // Empty, or a one-line warning when the BLAS runs pre-AVX2 kernels on a CPU with AVX2/FMA:
 // OpenBLAS's DYNAMIC_ARCH does not know every CPU model (VMs often report a generic one) and
 // falls back to SSE3 "Prescott" kernels, about 4x slower. The choice is made when the library
 // loads, so the fix is the environment of a new process: the warning names the
 // OPENBLAS_CORETYPE value to export.
-// The OPENBLAS_CORETYPE that would give this CPU fast kernels when OpenBLAS picked slow ones
-// (OpenBLAS 0.3.21 does not recognise recent Xeons and falls back to SSE3), else empty.
-std::string blas_recommended_coretype();
 std::string blas_core_advice();
 
 }  // namespace resync::kernels

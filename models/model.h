@@ -35,12 +35,12 @@ struct LayerStack {
   std::vector<std::unique_ptr<Layer>> layers;
 };
 
-// A feed-forward network and its loss. Owns the parameter and gradient buffers (layers hold
-// views into them) and every activation buffer, sized once for max_batch: a step allocates
-// nothing. Parameters are laid out layer after layer, in forward order.
 // True if two buffers share any element (where place_parameters/place_gradients may put them).
 bool overlap(std::span<const float> a, std::span<const float> b);
 
+// A feed-forward network and its loss. Owns the parameter and gradient buffers (layers hold
+// views into them) and every activation buffer, sized once for max_batch: a step allocates
+// nothing. Parameters are laid out layer after layer, in forward order.
 class Model {
  public:
   // Binds the layers to the buffers and initialises the parameters from seed: the same seed

@@ -77,6 +77,10 @@ NcclAllreduce::NcclAllreduce(MPI_Comm comm, int device) : state_(std::make_uniqu
   RESYNC_CHECK_CUDA(cudaStreamCreateWithFlags(&state_->stream, cudaStreamNonBlocking));
 }
 
+NcclAllreduce NcclAllreduce::over_world(int device) {
+  return NcclAllreduce(MPI_COMM_WORLD, device);
+}
+
 NcclAllreduce::~NcclAllreduce() = default;
 NcclAllreduce::NcclAllreduce(NcclAllreduce&&) noexcept = default;
 NcclAllreduce& NcclAllreduce::operator=(NcclAllreduce&&) noexcept = default;

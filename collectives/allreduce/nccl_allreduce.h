@@ -21,6 +21,8 @@ class NcclAllreduce {
   // is available (...)" (or names the bad id), every other rank DeviceError naming that rank.
   // An NCCL failure while connecting throws DeviceError with NCCL's reason.
   NcclAllreduce(MPI_Comm comm, int device);
+  // The same over every rank of the job (MPI_COMM_WORLD), for callers that hold no MPI types.
+  static NcclAllreduce over_world(int device);
   ~NcclAllreduce();
   NcclAllreduce(NcclAllreduce&&) noexcept;
   NcclAllreduce& operator=(NcclAllreduce&&) noexcept;

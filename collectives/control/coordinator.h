@@ -112,7 +112,7 @@ struct Decisions {
   bool empty() const { return closed.empty() && early.empty() && !stall && !abort; }
 };
 
-// Pure, single-threaded state machine of the synchronous step protocol (see DESIGN.md,
+// Pure, single-threaded state machine of the synchronous step protocol (see docs/DESIGN.md,
 // "The synchronous step"). Not thread-safe: its owner serialises the events.
 //
 // Closing rule for the open step t: close when min(W - b, W - |late queue|) ranks sent READY(t)

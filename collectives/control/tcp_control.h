@@ -1,5 +1,6 @@
 // The TCP control plane: the coordinator server (a thread on rank 0 that sleeps in the kernel,
-// in ppoll, and never calls MPI) and the client every rank uses, with a job-token handshake.
+// in ppoll, and never calls MPI; tcp_server.cpp) and the client every rank uses
+// (tcp_client.cpp), with a job-token handshake.
 #pragma once
 
 #include <chrono>
@@ -13,6 +14,7 @@
 #include "collectives/control/control_plane.h"
 #include "collectives/control/coordinator.h"
 #include "collectives/control/socket_util.h"
+#include "collectives/control/wire.h"
 
 namespace resync::collectives {
 
@@ -50,7 +52,7 @@ class TcpControlServer {
   std::optional<std::string> abort_reason() const;
 
  private:
-  struct Impl;  // the coordinator thread and its connections, in tcp_control.cpp
+  struct Impl;  // the coordinator thread and its connections, in tcp_server.cpp
   std::unique_ptr<Impl> impl_;
 };
 

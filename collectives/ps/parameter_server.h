@@ -1,4 +1,4 @@
-// Parameter-server exchange for asynchronous training (DESIGN.md, "Asynchronous mode"): the
+// Parameter-server exchange for asynchronous training (docs/DESIGN.md, "Asynchronous mode"): the
 // shard layout, the server loop that applies each gradient as it arrives, and the client side.
 #pragma once
 

@@ -6,6 +6,7 @@
 #endif
 
 #include <cstdlib>
+#include <ctime>
 #include <vector>
 
 #include "base/error.h"
@@ -33,6 +34,31 @@ uint64_t sum_over_ranks(uint64_t value) {
   uint64_t sum = 0;
   RESYNC_CHECK_MPI(MPI_Allreduce(&value, &sum, 1, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD));
   return sum;
+}
+
+namespace {
+
+template <typename T>
+T reduce_over_ranks_idle(T value, MPI_Datatype type, MPI_Op op) {
+  MPI_Request request = MPI_REQUEST_NULL;
+  RESYNC_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, &value, 1, type, op, MPI_COMM_WORLD, &request));
+  for (;;) {
+    int done = 0;
+    RESYNC_CHECK_MPI(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
+    if (done != 0) return value;
+    const timespec pause{0, 20'000};
+    nanosleep(&pause, nullptr);
+  }
+}
+
+}  // namespace
+
+uint64_t sum_over_ranks_idle(uint64_t value) {
+  return reduce_over_ranks_idle(value, MPI_UINT64_T, MPI_SUM);
+}
+
+double max_over_ranks_idle(double value) {
+  return reduce_over_ranks_idle(value, MPI_DOUBLE, MPI_MAX);
 }
 
 std::vector<int> gather_from_ranks(int value) {

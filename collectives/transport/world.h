@@ -18,6 +18,12 @@ bool all_ranks_equal(uint64_t value);
 // Sum of `value` over every rank, on every rank.
 uint64_t sum_over_ranks(uint64_t value);
 
+// The same reductions for a rank that may wait a long time (e.g. while others run a benchmark):
+// it sleeps between MPI_Test polls instead of spinning in a blocking collective, which would
+// burn the CPU the others are measured on.
+uint64_t sum_over_ranks_idle(uint64_t value);
+double max_over_ranks_idle(double value);
+
 // Every rank's `value`, indexed by rank, on every rank.
 std::vector<int> gather_from_ranks(int value);
 

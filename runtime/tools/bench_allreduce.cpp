@@ -2,14 +2,12 @@
 #include "runtime/tools/bench_allreduce.h"
 
 #include <fmt/format.h>
-#include <mpi.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <numeric>
 #include <optional>
 #include <span>
@@ -18,9 +16,11 @@
 
 #include "base/error.h"
 #include "collectives/allreduce/allreducer.h"
+#include "collectives/allreduce/mpi_allreduce_peer.h"
 #include "collectives/transport/context.h"
 #include "collectives/transport/mpi_session.h"
 #include "collectives/transport/mpi_transport.h"
+#include "collectives/transport/world.h"
 
 namespace resync::runtime {
 
@@ -115,24 +115,10 @@ void fill_timing(std::span<float> data) {
   for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i & 1);
 }
 
-// Reduces one value over every rank without spinning: ranks that sit out the measured calls
-// wait here for the participants, and Open MPI's blocking collectives would burn the very CPU
-// the participants are measured on.
-template <typename T>
-T reduce_over_world(T v, MPI_Datatype type, MPI_Op op) {
-  MPI_Request request = MPI_REQUEST_NULL;
-  RESYNC_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, &v, 1, type, op, MPI_COMM_WORLD, &request));
-  for (;;) {
-    int done = 0;
-    RESYNC_CHECK_MPI(MPI_Test(&request, &done, MPI_STATUS_IGNORE));
-    if (done != 0) return v;
-    const timespec pause{0, 20'000};
-    nanosleep(&pause, nullptr);
-  }
-}
-
-double max_over_world(double v) { return reduce_over_world(v, MPI_DOUBLE, MPI_MAX); }
-uint64_t sum_over_world(uint64_t v) { return reduce_over_world(v, MPI_UINT64_T, MPI_SUM); }
+// Ranks that sit out the measured calls wait for the participants in these reductions, which
+// sleep instead of burning the CPU the participants are measured on.
+using collectives::max_over_ranks_idle;
+using collectives::sum_over_ranks_idle;
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -199,8 +185,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
     return 2;
   }
 
-  MPI_Comm sub = MPI_COMM_NULL;  // the participants, for the MPI_Allreduce peer
-  RESYNC_CHECK_MPI(MPI_Comm_split(MPI_COMM_WORLD, in ? 0 : MPI_UNDEFINED, rank, &sub));
+  collectives::MpiAllreducePeer mpi_peer(participants);
 
   std::FILE* json = nullptr;
   if (rank == 0 && !cfg.json.empty()) {
@@ -210,11 +195,9 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
                    std::strerror(errno));
     }
   }
-  const int json_ok = max_over_world(rank == 0 && !cfg.json.empty() && json == nullptr ? 1 : 0);
-  if (json_ok != 0) {
-    if (sub != MPI_COMM_NULL) MPI_Comm_free(&sub);
-    return 2;
-  }
+  const double json_failed =
+      max_over_ranks_idle(rank == 0 && !cfg.json.empty() && json == nullptr ? 1 : 0);
+  if (json_failed != 0) return 2;
 
   if (rank == 0) {
     std::printf("# resync bench allreduce: %d ranks (%s), %d participants: %s\n", world,
@@ -255,10 +238,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
     const auto run_ours = [&](std::span<float> data) {
       allreducer.allreduce_sum(data, participants, seq++);
     };
-    const auto run_mpi = [&](std::span<float> data) {
-      RESYNC_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, data.data(), static_cast<int>(data.size()),
-                                     MPI_FLOAT, MPI_SUM, sub));
-    };
+    const auto run_mpi = [&](std::span<float> data) { mpi_peer.allreduce_sum(data); };
 
     // Warm-up, timed roughly to choose the iteration count every rank then uses.
     double warm_s = 0;
@@ -274,7 +254,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
     }
     int iters = cfg.iters;
     if (iters == 0) {
-      const double per_call = max_over_world(warm_s / std::max(1, 2 * cfg.warmup));
+      const double per_call = max_over_ranks_idle(warm_s / std::max(1, 2 * cfg.warmup));
       iters = per_call > 0 ? static_cast<int>(kAutoBlockSeconds / per_call) : kAutoMaxIters;
       iters = std::clamp(iters, kAutoMinIters, kAutoMaxIters);
     }
@@ -288,7 +268,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
         double us = 0;
         if (in) {
           fill_timing(mine ? ours : theirs);
-          RESYNC_CHECK_MPI(MPI_Barrier(sub));
+          mpi_peer.barrier();
           const Clock::time_point t0 = Clock::now();
           for (int i = 0; i < iters; ++i) {
             if (mine) {
@@ -299,7 +279,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
           }
           us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / iters;
         }
-        (mine ? ours_us : mpi_us)[blk] = max_over_world(us);
+        (mine ? ours_us : mpi_us)[blk] = max_over_ranks_idle(us);
       }
     }
 
@@ -315,8 +295,8 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
         mpi_wrong += count_wrong(theirs, participants, it);
       }
     }
-    ours_wrong = sum_over_world(ours_wrong);
-    mpi_wrong = sum_over_world(mpi_wrong);
+    ours_wrong = sum_over_ranks_idle(ours_wrong);
+    mpi_wrong = sum_over_ranks_idle(mpi_wrong);
     total_wrong += ours_wrong + mpi_wrong;
 
     const double bus_factor = p > 1 ? 2.0 * (p - 1) / p : 0.0;
@@ -346,7 +326,6 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
     }
   }
   if (json != nullptr) std::fclose(json);
-  if (sub != MPI_COMM_NULL) MPI_Comm_free(&sub);
   if (rank == 0) {
     if (cfg.check) {
       std::printf("# check: %s (%llu wrong elements)\n", total_wrong == 0 ? "OK" : "FAILED",

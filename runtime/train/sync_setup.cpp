@@ -38,7 +38,7 @@ void agreed(int rank, int world, const std::function<void()>& fn) {
 class NcclGradientExchange final : public GradientExchange {
  public:
   explicit NcclGradientExchange(Replica& replica)
-      : replica_(replica), nccl_(MPI_COMM_WORLD, replica.cuda_device()) {}
+      : replica_(replica), nccl_(collectives::NcclAllreduce::over_world(replica.cuda_device())) {}
   void allreduce_sum(std::span<const int> /*members*/, uint64_t /*seq*/) override {
     nccl_.allreduce(replica_.device_gradient_buffer(), collectives::NcclReduceOp::kSum);
   }

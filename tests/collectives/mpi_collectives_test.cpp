@@ -16,6 +16,8 @@
 #include "collectives/transport/context.h"
 #include "collectives/transport/mpi_session.h"
 #include "collectives/transport/mpi_transport.h"
+#include "collectives/transport/world.h"
+#include "collectives/allreduce/mpi_allreduce_peer.h"
 #include "collectives/allreduce/ring_allreduce.h"
 #include "collectives/state/state_transfer.h"
 #include "ring_test_util.h"
@@ -193,6 +195,28 @@ TEST(MpiRing, SubsetsLeaveOtherRanksAlone) {
       ++seq;
     }
   }
+}
+
+TEST(World, IdleReductionsAgreeOnEveryRank) {
+  const int n = world_size(), me = world_rank();
+  EXPECT_EQ(sum_over_ranks_idle(static_cast<uint64_t>(me) + 1),
+            static_cast<uint64_t>(n) * static_cast<uint64_t>(n + 1) / 2);
+  EXPECT_EQ(max_over_ranks_idle(0.5 * me), 0.5 * (n - 1));
+}
+
+TEST(MpiAllreducePeer, SumsOverItsMembersOnly) {
+  const int n = world_size(), me = world_rank();
+  const std::vector<int> members = n > 1 ? std::vector<int>{0, n - 1} : std::vector<int>{0};
+  MpiAllreducePeer peer(members);
+  const bool in = me == 0 || me == n - 1;
+  ASSERT_EQ(peer.is_member(), in) << "rank " << me;
+  if (!in) return;
+  std::vector<float> data = {static_cast<float>(me), 1.0f};
+  peer.barrier();
+  peer.allreduce_sum(data);
+  const float want_ranks = n > 1 ? static_cast<float>(n - 1) : 0.0f;
+  EXPECT_EQ(data[0], want_ranks) << "rank " << me;
+  EXPECT_EQ(data[1], static_cast<float>(members.size())) << "rank " << me;
 }
 
 // The last rank never joins: the others time out (rank 0, whose left neighbour it is, names

@@ -1,16 +1,21 @@
-// Tests of the control-plane pieces without sockets: orders of a closed round, the wire format,
-// the job token, and the in-process hub with ranks as threads.
+// Tests of the control-plane pieces without sockets: orders of a closed round, their delivery,
+// the wire format, the job token, and the in-process hub with ranks as threads.
 #include "collectives/control/control_plane.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "base/error.h"
+#include "collectives/control/delivery.h"
+#include "collectives/control/local_hub.h"
+#include "collectives/control/wire.h"
 #include "control_harness.h"
 
 namespace resync::collectives {
@@ -77,6 +82,37 @@ TEST(Orders, RepairRoundCarriesTheAttemptAndSkipsRanksOrderedBefore) {
   }
   EXPECT_EQ(orders[0].second.late_ranks_served_by(0), std::vector<int>{2})
       << "the donor still serves the rank ordered before";
+}
+
+// Records what deliver() asks of a hub, in order.
+class RecordingSink final : public OrderSink {
+ public:
+  void send(int rank, StepOrder&& order) override {
+    events.push_back(fmt::format("order {} -> rank {}", static_cast<int>(order.kind), rank));
+  }
+  void round_sent(const ClosedRound& round) override {
+    events.push_back(fmt::format("round {} sent", round.step));
+  }
+  void abort(const std::string& reason) override { events.push_back("abort: " + reason); }
+  std::vector<std::string> events;
+};
+
+TEST(Delivery, RoundsThenEarlyCatchUpsThenAbort) {
+  Decisions d;
+  ClosedRound round;
+  round.step = 3;
+  round.participants = {0, 2};
+  round.catchups = {{1, 2}};
+  d.closed.push_back(round);
+  d.early.push_back({.step = 4, .late_rank = 1, .donor_rank = 0});
+  d.abort = "test";
+  RecordingSink sink;
+  deliver(d, sink);
+  const std::vector<std::string> want = {
+      "order 1 -> rank 0", "order 2 -> rank 1", "order 1 -> rank 2", "round 3 sent",
+      "order 3 -> rank 0", "order 2 -> rank 1", "abort: test"};
+  EXPECT_EQ(sink.events, want);
+  EXPECT_EQ(sink.who(5), "rank 5");
 }
 
 wire::Message round_trip(const wire::Message& msg) {

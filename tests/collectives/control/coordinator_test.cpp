@@ -11,7 +11,7 @@
 #include <set>
 
 #include "base/error.h"
-#include "collectives/control/control_plane.h"
+#include "collectives/control/orders.h"
 
 namespace resync::collectives {
 namespace {

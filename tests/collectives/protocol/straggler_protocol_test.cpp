@@ -15,6 +15,7 @@
 
 #include "collectives/allreduce/allreducer.h"
 #include "collectives/control/control_plane.h"
+#include "collectives/control/local_hub.h"
 #include "collectives/transport/context.h"
 #include "collectives/transport/loopback_transport.h"
 #include "runtime/observe/timeline.h"

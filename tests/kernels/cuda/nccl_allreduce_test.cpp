@@ -39,7 +39,7 @@ TEST(NcclAllreduce, WithoutDeviceEveryRankThrowsOneLine) {
   }
   std::string msg;
   try {
-    NcclAllreduce nccl(MPI_COMM_WORLD, 0);
+    NcclAllreduce nccl = NcclAllreduce::over_world(0);
     FAIL() << "rank " << world_rank() << ": an NCCL communicator without a device";
   } catch (const DeviceError& e) {
     msg = e.what();
