@@ -59,6 +59,8 @@ class MaxPool2d final : public Layer {
   void forward(const float* x, float* y, size_t batch) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, size_t batch) override;
 
+  const kernels::Pool2dShape& shape() const { return shape_; }
+
  private:
   kernels::Pool2dShape shape_;
   size_t max_batch_ = 0;

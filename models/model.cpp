@@ -82,6 +82,13 @@ void move_buffer(const char* what, std::span<float> storage, std::span<const flo
   owned.shrink_to_fit();
 }
 
+void check_spec(const ModelSpec& spec) {
+  RESYNC_CHECK_ARG(spec.in_channels > 0 && spec.in_height > 0 && spec.in_width > 0,
+                   fmt::format("model input must be non-empty, got {}x{}x{}", spec.in_channels,
+                               spec.in_height, spec.in_width));
+  RESYNC_CHECK_ARG(spec.n_classes > 0, "model: number of classes must be > 0");
+}
+
 }  // namespace
 
 bool overlap(std::span<const float> a, std::span<const float> b) {
@@ -184,18 +191,20 @@ EvalResult Model::evaluate(const float* x, const int32_t* labels, size_t batch) 
 
 std::string Model::describe() const { return fmt::format("{} ({} params)", label_, n_params()); }
 
-std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed) {
-  RESYNC_CHECK_ARG(spec.in_channels > 0 && spec.in_height > 0 && spec.in_width > 0,
-                   fmt::format("model input must be non-empty, got {}x{}x{}", spec.in_channels,
-                               spec.in_height, spec.in_width));
-  RESYNC_CHECK_ARG(spec.n_classes > 0, "model: number of classes must be > 0");
-  RESYNC_CHECK_ARG(max_batch > 0, "model: max batch must be > 0");
+LayerStack build_layer_stack(const ModelSpec& spec) {
+  check_spec(spec);
   const ModelBuilder build = Registry::instance().find(spec.name);
   if (!build) {
     throw InvalidArgument(
         fmt::format("unknown model '{}' (known: {})", spec.name, fmt::join(model_names(), ", ")));
   }
-  return std::make_unique<Model>(build(spec), spec.n_classes, max_batch, seed);
+  return build(spec);
+}
+
+std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed) {
+  check_spec(spec);  // before max_batch, so that errors keep their order
+  RESYNC_CHECK_ARG(max_batch > 0, "model: max batch must be > 0");
+  return std::make_unique<Model>(build_layer_stack(spec), spec.n_classes, max_batch, seed);
 }
 
 void register_model(const std::string& name, ModelBuilder build) {

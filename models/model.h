@@ -106,6 +106,11 @@ using ModelBuilder = std::function<LayerStack(const ModelSpec& spec)>;
 // any thread. Throws InvalidArgument for an empty name, a name already taken or an empty builder.
 void register_model(const std::string& name, ModelBuilder build);
 
+// The layer list make_model builds for spec, from the registered builder, not yet bound to any
+// buffer (layers allocate nothing before a Model binds and reserves them): what device backends
+// translate (models/device_plan.h). Throws InvalidArgument as make_model does for the spec.
+LayerStack build_layer_stack(const ModelSpec& spec);
+
 // Builds a registered model (see model_names()). An unknown name or a bad spec (zero sizes, empty
 // or zero hidden widths) or max_batch == 0 throws InvalidArgument.
 std::unique_ptr<Model> make_model(const ModelSpec& spec, size_t max_batch, uint64_t seed);

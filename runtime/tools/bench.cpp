@@ -18,6 +18,7 @@
 
 #include "base/error.h"
 #include "collectives/allreduce/float_sum.h"
+#include "models/model.h"
 #include "runtime/tools/bench_allreduce.h"
 #include "runtime/tools/bench_step.h"
 
@@ -283,8 +284,8 @@ int bench_main(int argc, char** argv) {
   step->add_option("--device", st.device, "Where the step runs: cpu or cuda")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  step->add_option("--model", st.model, "Model: mlp or cnn")
-      ->check(CLI::IsMember({"mlp", "cnn"}))
+  step->add_option("--model", st.model, "Model: mlp, cnn or a registered one")
+      ->check(CLI::IsMember(models::model_names()))  // built-ins and registered models
       ->capture_default_str();
   step->add_option("--hidden", st.hidden, "Hidden layer widths of the mlp")
       ->check(CLI::Range(size_t{1}, size_t{1} << 16))

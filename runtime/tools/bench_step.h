@@ -11,7 +11,7 @@ namespace resync::runtime {
 
 struct StepBenchConfig {
   std::string device = "cpu";  // cpu or cuda
-  std::string model = "mlp";   // mlp or cnn
+  std::string model = "mlp";   // a registered model (mlp, cnn, ...)
   std::vector<size_t> hidden = {512, 512};
   size_t batch_size = 64;
   int iters = 20;   // timed steps

@@ -1,28 +1,18 @@
-// The CUDA replica: a device-resident model (parameters, gradients, velocity and activations in
-// device memory) built layer by layer from the CPU model's layer list, run with the kernels/cuda
-// launchers and cuBLAS on one stream, with pinned host buffers for the batch and the gradient.
+// The CUDA replica: a models::cuda::DeviceModel run from the device plan of the registered model
+// (models/device_plan.h), with parameters, gradients and velocity in device memory, SGD-momentum
+// on the device, and pinned host buffers for the batch, the gradient and the state mirror.
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
 
-#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <utility>
-#include <vector>
 
 #include "base/error.h"
-#include "kernels/cuda/bias.h"
 #include "kernels/cuda/context.h"
-#include "kernels/cuda/conv2d.h"
-#include "kernels/cuda/gemm.h"
-#include "kernels/cuda/maxpool.h"
-#include "kernels/cuda/relu.h"
 #include "kernels/cuda/sgd.h"
-#include "kernels/cuda/softmax_xent.h"
-#include "models/cnn.h"
-#include "models/conv_layers.h"
-#include "models/layers.h"
-#include "models/mlp.h"
+#include "models/cuda/device_model.h"
+#include "models/device_plan.h"
 #include "runtime/train/replica.h"
 
 namespace resync::runtime {
@@ -34,7 +24,6 @@ std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t
 namespace {
 
 namespace cuda = kernels::cuda;
-using kernels::Transpose;
 
 // ---- host staging ---------------------------------------------------------------------------
 
@@ -68,206 +57,25 @@ class PinnedBuffer {
   std::unique_ptr<T, PinnedFree> ptr_;
 };
 
-// ---- device layers --------------------------------------------------------------------------
-
-// The device twin of a models::Layer, same sizes and parameter layout (so the CPU model's
-// parameters can be copied up as they are). Pointers are device memory; all work goes to the
-// context's stream.
-class DeviceLayer {
- public:
-  virtual ~DeviceLayer() = default;
-  virtual size_t out_size() const = 0;
-  virtual void bind(float* /*params*/, float* /*grads*/) {}
-  virtual void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) = 0;
-  // Overwrites this layer's parameter gradients and, unless dx is null, writes dx.
-  virtual void backward(const cuda::CudaContext& ctx, const float* x, const float* dy, float* dx,
-                        size_t batch) = 0;
-};
-
-class DeviceLinear final : public DeviceLayer {
- public:
-  DeviceLinear(size_t in, size_t out) : in_(in), out_(out) {}
-  size_t out_size() const override { return out_; }
-  void bind(float* params, float* grads) override {
-    w_ = params;  // W [out x in], then b [out], as models::Linear
-    b_ = params + out_ * in_;
-    dw_ = grads;
-    db_ = grads + out_ * in_;
-  }
-  void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    cuda::gemm(ctx.cublas(), ctx.stream(), Transpose::kNo, Transpose::kYes, batch, out_, in_, 1.0f,
-               x, in_, w_, in_, 0.0f, y, out_);
-    cuda::bias_add(ctx.stream(), y, b_, batch, out_);
-  }
-  void backward(const cuda::CudaContext& ctx, const float* x, const float* dy, float* dx,
-                size_t batch) override {
-    cuda::gemm(ctx.cublas(), ctx.stream(), Transpose::kYes, Transpose::kNo, out_, in_, batch, 1.0f,
-               dy, out_, x, in_, 0.0f, dw_, in_);
-    cuda::bias_grad(ctx.stream(), dy, db_, batch, out_);
-    if (dx != nullptr) {
-      cuda::gemm(ctx.cublas(), ctx.stream(), Transpose::kNo, Transpose::kNo, batch, in_, out_, 1.0f,
-                 dy, out_, w_, in_, 0.0f, dx, in_);
-    }
-  }
-
- private:
-  size_t in_, out_;
-  float* w_ = nullptr;
-  float* b_ = nullptr;
-  float* dw_ = nullptr;
-  float* db_ = nullptr;
-};
-
-class DeviceRelu final : public DeviceLayer {
- public:
-  explicit DeviceRelu(size_t size) : size_(size) {}
-  size_t out_size() const override { return size_; }
-  void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    cuda::relu_forward(ctx.stream(), x, y, batch * size_);
-  }
-  void backward(const cuda::CudaContext& ctx, const float* x, const float* dy, float* dx,
-                size_t batch) override {
-    if (dx != nullptr) cuda::relu_backward(ctx.stream(), x, dy, dx, batch * size_);
-  }
-
- private:
-  size_t size_;
-};
-
-// Shares one workspace between the convolutions: they run one after another on one stream.
-class DeviceConv2d final : public DeviceLayer {
- public:
-  DeviceConv2d(const kernels::Conv2dShape& shape, std::span<float>* workspace)
-      : shape_(shape), workspace_(workspace) {}
-  size_t out_size() const override { return shape_.out_size(); }
-  void bind(float* params, float* grads) override {
-    w_ = params;  // W [out_c x in_c x k_h x k_w], then b [out_c], as models::Conv2d
-    b_ = params + shape_.n_weights();
-    dw_ = grads;
-    db_ = grads + shape_.n_weights();
-  }
-  void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    cuda::conv2d_forward(ctx.cublas(), ctx.stream(), shape_, x, w_, b_, y, batch, *workspace_);
-  }
-  void backward(const cuda::CudaContext& ctx, const float* x, const float* dy, float* dx,
-                size_t batch) override {
-    cuda::conv2d_backward(ctx.cublas(), ctx.stream(), shape_, x, w_, dy, dw_, db_, dx, batch,
-                          *workspace_);
-  }
-
- private:
-  kernels::Conv2dShape shape_;
-  std::span<float>* workspace_;
-  float* w_ = nullptr;
-  float* b_ = nullptr;
-  float* dw_ = nullptr;
-  float* db_ = nullptr;
-};
-
-class DeviceMaxPool2d final : public DeviceLayer {
- public:
-  DeviceMaxPool2d(const kernels::Pool2dShape& shape, size_t max_batch)
-      : shape_(shape), argmax_(max_batch * shape.out_size()) {}
-  size_t out_size() const override { return shape_.out_size(); }
-  void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    cuda::maxpool_forward(ctx.stream(), shape_, x, y, argmax_.data(), batch);
-  }
-  void backward(const cuda::CudaContext& ctx, const float* /*x*/, const float* dy, float* dx,
-                size_t batch) override {
-    if (dx != nullptr) cuda::maxpool_backward(ctx.stream(), shape_, dy, argmax_.data(), dx, batch);
-  }
-
- private:
-  kernels::Pool2dShape shape_;
-  cuda::DeviceBuffer<uint32_t> argmax_;
-};
-
-// models::Flatten: the same bytes under another shape, a device-to-device copy each way.
-class DeviceCopy final : public DeviceLayer {
- public:
-  explicit DeviceCopy(size_t size) : size_(size) {}
-  size_t out_size() const override { return size_; }
-  void forward(const cuda::CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    RESYNC_CHECK_CUDA(cudaMemcpyAsync(y, x, batch * size_ * sizeof(float), cudaMemcpyDeviceToDevice,
-                                      ctx.stream()));
-  }
-  void backward(const cuda::CudaContext& ctx, const float* /*x*/, const float* dy, float* dx,
-                size_t batch) override {
-    if (dx == nullptr) return;
-    RESYNC_CHECK_CUDA(cudaMemcpyAsync(dx, dy, batch * size_ * sizeof(float),
-                                      cudaMemcpyDeviceToDevice, ctx.stream()));
-  }
-
- private:
-  size_t size_;
-};
-
-[[noreturn]] void unsupported(const models::ModelSpec& spec, const std::string& why) {
-  throw DeviceError(fmt::format("model {} is not yet supported on cuda ({})", spec.name, why));
-}
-
-// The layer list of the registered model, as the CPU model builds it (models/model.cpp's
-// registry), to mirror it on the device.
-models::LayerStack build_stack(const models::ModelSpec& spec) {
-  if (spec.name == "mlp") return models::build_mlp(spec);
-  if (spec.name == "cnn") return models::build_cnn(spec);
-  unsupported(spec, "no device layer list for it");
-}
-
-// The CPU layer's device twin. MaxPool2d does not expose its shape: the pool is taken to be the
-// cnn's 2x2/2 over the preceding convolution's output and accepted only if a CPU pool of that
-// shape has the same name (which spells out window, stride and both shapes).
-std::unique_ptr<DeviceLayer> device_twin(const models::ModelSpec& spec, const models::Layer& layer,
-                                         const kernels::Conv2dShape* last_conv, size_t max_batch,
-                                         std::span<float>* conv_workspace) {
-  if (const auto* linear = dynamic_cast<const models::Linear*>(&layer)) {
-    return std::make_unique<DeviceLinear>(linear->in_size(), linear->out_size());
-  }
-  if (dynamic_cast<const models::Relu*>(&layer) != nullptr) {
-    return std::make_unique<DeviceRelu>(layer.out_size());
-  }
-  if (const auto* conv = dynamic_cast<const models::Conv2d*>(&layer)) {
-    return std::make_unique<DeviceConv2d>(conv->shape(), conv_workspace);
-  }
-  if (dynamic_cast<const models::Flatten*>(&layer) != nullptr) {
-    return std::make_unique<DeviceCopy>(layer.out_size());
-  }
-  if (dynamic_cast<const models::MaxPool2d*>(&layer) != nullptr && last_conv != nullptr) {
-    const kernels::Pool2dShape pool{.channels = last_conv->out_c,
-                                    .in_h = last_conv->out_h(),
-                                    .in_w = last_conv->out_w(),
-                                    .k_h = 2,
-                                    .k_w = 2,
-                                    .stride_h = 2,
-                                    .stride_w = 2};
-    if (pool.in_size() == layer.in_size() && pool.out_size() == layer.out_size() &&
-        models::MaxPool2d(pool).name() == layer.name()) {
-      return std::make_unique<DeviceMaxPool2d>(pool, max_batch);
-    }
-  }
-  unsupported(spec, "layer '" + layer.name() + "' has no device twin");
-}
-
 class CudaReplica final : public Replica {
  public:
-  CudaReplica(const models::ModelSpec& spec, size_t max_batch, uint64_t seed,
-              const kernels::SgdHyper& hyper, int device)
+  // plan: models::make_device_plan(spec), the layers of the model that make_model builds.
+  CudaReplica(models::DevicePlan plan, const models::ModelSpec& spec, size_t max_batch,
+              uint64_t seed, const kernels::SgdHyper& hyper, int device)
+      // Device memory first: a model too large for the GPU fails here, before the host copy of
+      // it below is allocated.
       : ctx_(device),
         hyper_(hyper),
+        model_(std::move(plan), max_batch),
         max_batch_(max_batch),
-        n_classes_(spec.n_classes),
-        input_size_(spec.input_size()) {
-    RESYNC_CHECK_ARG(max_batch > 0, "model: max batch must be > 0");
-    // Device memory first: a model too large for the GPU fails here, before the host copy of it
-    // below is allocated.
-    build_layers(spec);
+        input_size_(model_.input_size()),
+        n_params_(model_.n_params()) {
     params_ = cuda::DeviceBuffer<float>(n_params_);
     grads_ = cuda::DeviceBuffer<float>(n_params_);
     velocity_ = cuda::DeviceBuffer<float>(n_params_);
-    bind_layers();
+    model_.bind(params_.data(), grads_.data());
     x_ = cuda::DeviceBuffer<float>(max_batch * input_size_);
     labels_ = cuda::DeviceBuffer<int32_t>(max_batch);
-    xent_ = cuda::DeviceBuffer<cuda::XentDeviceResult>(1);
 
     x_host_ = std::make_unique<PinnedBuffer<float>>(max_batch * input_size_);
     labels_host_ = std::make_unique<PinnedBuffer<int32_t>>(max_batch);
@@ -303,19 +111,12 @@ class CudaReplica final : public Replica {
   float compute_gradients(const float* x, const int32_t* y, size_t n) override {
     RESYNC_CHECK_ARG(n > 0, "model: empty training batch");
     stage_batch(x, y, n);
-    forward(n);
-    cuda::softmax_xent_forward_backward(ctx_.stream(), acts_.back().data(), labels_.data(),
-                                        dacts_.back().data(), n, n_classes_, xent_.data());
-    // Backward, mirrored: the first layer needs no gradient for the input batch.
-    for (size_t i = layers_.size(); i-- > 0;) {
-      float* dx = i == 0 ? nullptr : dacts_[i - 1].data();
-      layers_[i]->backward(ctx_, input_of(i), dacts_[i].data(), dx, n);
-    }
+    model_.forward_backward(ctx_, x_.data(), labels_.data(), n);
     if (location_ == GradientLocation::kHost) {
       cuda::download(static_cast<const float*>(grads_.data()), grads_host_->span(), ctx_.stream());
     }
     // Synchronises the stream: the gradient download is complete once the sums are read.
-    const kernels::XentSums sums = cuda::read_xent_result(xent_.data(), ctx_.stream());
+    const kernels::XentSums sums = model_.read_loss(ctx_);
     return static_cast<float>(sums.loss_sum / static_cast<double>(n));
   }
 
@@ -371,10 +172,8 @@ class CudaReplica final : public Replica {
     result.count = n;
     if (n == 0) return result;
     stage_batch(x, y, n);
-    forward(n);
-    cuda::softmax_xent_forward(ctx_.stream(), acts_.back().data(), labels_.data(), n, n_classes_,
-                               xent_.data());
-    const kernels::XentSums sums = cuda::read_xent_result(xent_.data(), ctx_.stream());
+    model_.forward_loss(ctx_, x_.data(), labels_.data(), n);
+    const kernels::XentSums sums = model_.read_loss(ctx_);
     result.loss_sum = sums.loss_sum;
     result.correct = sums.n_correct;
     return result;
@@ -388,37 +187,6 @@ class CudaReplica final : public Replica {
   int cuda_device() const override { return ctx_.device(); }
 
  private:
-  // Mirrors the model's layers on the device and allocates their activations.
-  void build_layers(const models::ModelSpec& spec) {
-    const models::LayerStack stack = build_stack(spec);
-    const kernels::Conv2dShape* last_conv = nullptr;
-    size_t workspace_elems = 0;
-    size_t n_params = 0;
-    for (const auto& layer : stack.layers) {
-      if (const auto* conv = dynamic_cast<const models::Conv2d*>(layer.get())) {
-        last_conv = &conv->shape();
-        workspace_elems =
-            std::max(workspace_elems, cuda::conv2d_workspace_elems(conv->shape(), max_batch_));
-      }
-      layers_.push_back(device_twin(spec, *layer, last_conv, max_batch_, &workspace_view_));
-      layer_params_.push_back(layer->n_params());
-      n_params += layer->n_params();
-      acts_.emplace_back(max_batch_ * layer->out_size());
-      dacts_.emplace_back(max_batch_ * layer->out_size());
-    }
-    n_params_ = n_params;
-    workspace_ = cuda::DeviceBuffer<float>(workspace_elems);
-    workspace_view_ = {workspace_.data(), workspace_.size()};
-  }
-
-  void bind_layers() {
-    size_t offset = 0;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      layers_[i]->bind(params_.data() + offset, grads_.data() + offset);
-      offset += layer_params_[i];
-    }
-  }
-
   // Copies the batch into the pinned staging buffers, then to the device on the stream.
   void stage_batch(const float* x, const int32_t* y, size_t n) {
     RESYNC_CHECK_ARG(n <= max_batch_,
@@ -432,36 +200,19 @@ class CudaReplica final : public Replica {
     cuda::upload(std::span<const int32_t>(labels_host_->first(n)), labels_.data(), ctx_.stream());
   }
 
-  void forward(size_t n) {
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      layers_[i]->forward(ctx_, input_of(i), acts_[i].data(), n);
-    }
-  }
-
-  const float* input_of(size_t layer) const {
-    return layer == 0 ? x_.data() : acts_[layer - 1].data();
-  }
-
   cuda::CudaContext ctx_;  // first: the device buffers below are freed before the stream
   kernels::SgdHyper hyper_;
+  models::cuda::DeviceModel model_;  // holds views of params_ and grads_
   size_t max_batch_;
-  size_t n_classes_;
   size_t input_size_;
-  size_t n_params_ = 0;
+  size_t n_params_;
   std::string description_;
   std::string model_description_;
   GradientLocation location_ = GradientLocation::kHost;
 
-  std::vector<std::unique_ptr<DeviceLayer>> layers_;
-  std::vector<size_t> layer_params_;
   cuda::DeviceBuffer<float> params_, grads_, velocity_;
-  std::vector<cuda::DeviceBuffer<float>> acts_;   // acts_[i]: output of layer i (logits last)
-  std::vector<cuda::DeviceBuffer<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
-  cuda::DeviceBuffer<float> workspace_;           // the convolutions' im2col scratch
-  std::span<float> workspace_view_;
   cuda::DeviceBuffer<float> x_;
   cuda::DeviceBuffer<int32_t> labels_;
-  cuda::DeviceBuffer<cuda::XentDeviceResult> xent_;
 
   std::unique_ptr<PinnedBuffer<float>> x_host_;
   std::unique_ptr<PinnedBuffer<int32_t>> labels_host_;
@@ -475,13 +226,16 @@ class CudaReplica final : public Replica {
 std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t max_batch,
                                            uint64_t seed, const kernels::SgdHyper& hyper,
                                            int local_rank) {
+  // The plan first: a layer cuda cannot run is named in the error, with or without a device.
+  models::DevicePlan plan = models::make_device_plan(spec, "cuda");
   const cuda::DeviceQuery query = cuda::query_devices();
   if (query.n_devices == 0) {
     throw DeviceError(fmt::format("no CUDA device is available ({})", query.reason));
   }
   RESYNC_CHECK_ARG(local_rank >= 0, fmt::format("local rank {} is negative", local_rank));
   // Ranks of a node take the visible devices round robin: with more ranks than GPUs they share.
-  return std::make_unique<CudaReplica>(spec, max_batch, seed, hyper, local_rank % query.n_devices);
+  return std::make_unique<CudaReplica>(std::move(plan), spec, max_batch, seed, hyper,
+                                       local_rank % query.n_devices);
 }
 
 }  // namespace resync::runtime

@@ -1,10 +1,12 @@
 // The CUDA replica against the CPU replica on seeded inputs (label gpu): same initial parameters,
 // close losses, gradients and parameters over several steps, state round trips, device-side
-// gradients, evaluation, place_state declining, and the out-of-memory error. Skips visibly
+// gradients, evaluation, place_state declining, and the out-of-memory error; for mlp, cnn and a
+// model registered here (models::register_model), as an outside program would. Skips visibly
 // without a device.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +16,8 @@
 #include "base/error.h"
 #include "base/random.h"
 #include "kernels/cuda/context.h"
+#include "models/conv_layers.h"
+#include "models/layers.h"
 #include "runtime/train/replica.h"
 #include "tests/models/replica_test_util.h"
 
@@ -22,6 +26,46 @@ namespace {
 
 using testing::Batch;
 using testing::seeded_batch;
+
+// A registered model in shapes no built-in uses, which the device runs from its layers' shapes:
+// a strided convolution and an overlapping, non-square pool (windows share inputs, so the
+// backward pass adds up), then Flatten, Linear, ReLU, Linear.
+models::LayerStack build_odd_conv(const models::ModelSpec& spec) {
+  const kernels::Conv2dShape conv{.in_c = spec.in_channels,
+                                  .in_h = spec.in_height,
+                                  .in_w = spec.in_width,
+                                  .out_c = 4,
+                                  .k_h = 3,
+                                  .k_w = 3,
+                                  .stride_h = 2,
+                                  .stride_w = 2,
+                                  .pad_h = 1,
+                                  .pad_w = 1};
+  const kernels::Pool2dShape pool{.channels = conv.out_c,
+                                  .in_h = conv.out_h(),
+                                  .in_w = conv.out_w(),
+                                  .k_h = 3,
+                                  .k_w = 2,
+                                  .stride_h = 1,
+                                  .stride_w = 2};
+  models::LayerStack stack;
+  stack.label = "odd-conv";
+  stack.layers.push_back(std::make_unique<models::Conv2d>(conv));
+  stack.layers.push_back(std::make_unique<models::Relu>(conv.out_size()));
+  stack.layers.push_back(std::make_unique<models::MaxPool2d>(pool));
+  stack.layers.push_back(
+      std::make_unique<models::Flatten>(pool.channels, pool.out_h(), pool.out_w()));
+  stack.layers.push_back(std::make_unique<models::Linear>(pool.out_size(), spec.hidden.front()));
+  stack.layers.push_back(std::make_unique<models::Relu>(spec.hidden.front()));
+  stack.layers.push_back(std::make_unique<models::Linear>(spec.hidden.front(), spec.n_classes));
+  return stack;
+}
+
+// Before any test runs, as a program registers its models at the top of main().
+[[maybe_unused]] const bool kOddConvRegistered = [] {
+  models::register_model("odd-conv", &build_odd_conv);
+  return true;
+}();
 
 models::ModelSpec spec_for(const std::string& name) {
   models::ModelSpec spec;
@@ -154,7 +198,15 @@ TEST_P(CudaReplicaTest, DeviceGradientLocationSkipsTheHost) {
   expect_close(dev->host_state()[0], host->host_state()[0], 0, 0, "parameters");
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, CudaReplicaTest, ::testing::Values("mlp", "cnn"));
+// Test names end in the model's name ('-' is not allowed in them).
+std::string model_name(const ::testing::TestParamInfo<std::string>& param) {
+  std::string name = param.param;
+  std::replace(name.begin(), name.end(), '-', '_');
+  return name;
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaReplicaTest, ::testing::Values("mlp", "cnn", "odd-conv"),
+                         model_name);
 
 TEST(CudaReplicaErrors, OutOfMemoryIsOneLineDeviceError) {
   if (kernels::cuda::query_devices().n_devices == 0) GTEST_SKIP() << "no CUDA device available";

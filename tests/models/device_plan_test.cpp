@@ -1,0 +1,243 @@
+// The device plan (models/device_plan.h) on the CPU: the kinds, shapes and parameter offsets of
+// mlp, cnn and a registered custom model read from the CPU layers, agreement with the CPU
+// Model, and the one-line refusal that names a layer no device implements. Its own binary:
+// it registers models, which models_test's registry checks must not see.
+#include "models/device_plan.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "models/conv_layers.h"
+#include "models/layers.h"
+#include "models/model.h"
+
+namespace resync::models {
+namespace {
+
+using Kind = DeviceLayerKind;
+
+ModelSpec spec_for(const std::string& name, size_t c = 1, size_t h = 12, size_t w = 12,
+                   size_t n_classes = 10) {
+  ModelSpec spec;
+  spec.name = name;
+  spec.hidden = {64, 32};
+  spec.in_channels = c;
+  spec.in_height = h;
+  spec.in_width = w;
+  spec.n_classes = n_classes;
+  return spec;
+}
+
+struct Expected {
+  Kind kind;
+  std::string name;
+  size_t in_size, out_size, param_offset, n_params;
+};
+
+void expect_layers(const DevicePlan& plan, const std::vector<Expected>& expected) {
+  ASSERT_EQ(plan.layers.size(), expected.size()) << plan.label;
+  size_t total = 0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const DeviceLayerPlan& got = plan.layers[i];
+    const Expected& want = expected[i];
+    SCOPED_TRACE("layer " + std::to_string(i) + " (" + want.name + ")");
+    EXPECT_EQ(got.kind, want.kind) << kind_name(got.kind);
+    EXPECT_EQ(got.name, want.name);
+    EXPECT_EQ(got.in_size, want.in_size);
+    EXPECT_EQ(got.out_size, want.out_size);
+    EXPECT_EQ(got.param_offset, want.param_offset);
+    EXPECT_EQ(got.n_params, want.n_params);
+    total += want.n_params;
+  }
+  EXPECT_EQ(plan.n_params, total);
+}
+
+// The CPU Model of the same spec: same parameter count, input and classes.
+void expect_matches_cpu_model(const DevicePlan& plan, const ModelSpec& spec) {
+  const auto cpu = make_model(spec, 4, 1);
+  EXPECT_EQ(plan.n_params, cpu->n_params());
+  EXPECT_EQ(plan.input_size, cpu->input_size());
+  EXPECT_EQ(plan.n_classes, cpu->n_classes());
+  EXPECT_EQ(cpu->describe(), plan.label + " (" + std::to_string(plan.n_params) + " params)");
+}
+
+TEST(DevicePlan, Mlp) {
+  const ModelSpec spec = spec_for("mlp");
+  const DevicePlan plan = make_device_plan(spec);
+  EXPECT_EQ(plan.label, "mlp 144-64-32-10");
+  EXPECT_EQ(plan.input_size, 144u);
+  EXPECT_EQ(plan.n_classes, 10u);
+  expect_layers(plan, {{Kind::kLinear, "linear 144->64", 144, 64, 0, 144 * 64 + 64},
+                       {Kind::kRelu, "relu 64", 64, 64, 9280, 0},
+                       {Kind::kLinear, "linear 64->32", 64, 32, 9280, 64 * 32 + 32},
+                       {Kind::kRelu, "relu 32", 32, 32, 11360, 0},
+                       {Kind::kLinear, "linear 32->10", 32, 10, 11360, 32 * 10 + 10}});
+  expect_matches_cpu_model(plan, spec);
+}
+
+TEST(DevicePlan, CnnShapesComeFromTheLayers) {
+  const ModelSpec spec = spec_for("cnn");
+  const DevicePlan plan = make_device_plan(spec);
+  const size_t conv1 = 16 * 25 + 16, conv2 = 32 * 16 * 25 + 32, fc1 = 288 * 128 + 128;
+  expect_layers(plan,
+                {{Kind::kConv2d, "conv 5x5 1->16 pad 2 (12x12->12x12)", 144, 2304, 0, conv1},
+                 {Kind::kRelu, "relu 2304", 2304, 2304, conv1, 0},
+                 {Kind::kMaxPool2d, "maxpool 2x2/2 16x12x12->16x6x6", 2304, 576, conv1, 0},
+                 {Kind::kConv2d, "conv 5x5 16->32 pad 2 (6x6->6x6)", 576, 1152, conv1, conv2},
+                 {Kind::kRelu, "relu 1152", 1152, 1152, conv1 + conv2, 0},
+                 {Kind::kMaxPool2d, "maxpool 2x2/2 32x6x6->32x3x3", 1152, 288, conv1 + conv2, 0},
+                 {Kind::kFlatten, "flatten 32x3x3->288", 288, 288, conv1 + conv2, 0},
+                 {Kind::kLinear, "linear 288->128", 288, 128, conv1 + conv2, fc1},
+                 {Kind::kRelu, "relu 128", 128, 128, conv1 + conv2 + fc1, 0},
+                 {Kind::kLinear, "linear 128->10", 128, 10, conv1 + conv2 + fc1, 128 * 10 + 10}});
+  const kernels::Conv2dShape& c1 = plan.layers[0].conv;
+  EXPECT_EQ(c1.in_c, 1u);
+  EXPECT_EQ(c1.out_c, 16u);
+  EXPECT_EQ(c1.k_h, 5u);
+  EXPECT_EQ(c1.pad_w, 2u);
+  EXPECT_EQ(plan.layers[3].conv.in_c, 16u);
+  EXPECT_EQ(plan.layers[3].conv.in_h, 6u);
+  const kernels::Pool2dShape& p2 = plan.layers[5].pool;
+  EXPECT_EQ(p2.channels, 32u);
+  EXPECT_EQ(p2.in_h, 6u);
+  EXPECT_EQ(p2.in_w, 6u);
+  EXPECT_EQ(p2.k_h, 2u);
+  EXPECT_EQ(p2.stride_w, 2u);
+  expect_matches_cpu_model(plan, spec);
+}
+
+// A model an outside program registers, with shapes no built-in uses: a non-square multi-channel
+// input, a strided convolution, an overlapping non-square pool. All read from its layers.
+LayerStack build_odd_conv(const ModelSpec& spec) {
+  const kernels::Conv2dShape conv{.in_c = spec.in_channels,
+                                  .in_h = spec.in_height,
+                                  .in_w = spec.in_width,
+                                  .out_c = 4,
+                                  .k_h = 3,
+                                  .k_w = 3,
+                                  .stride_h = 2,
+                                  .stride_w = 2,
+                                  .pad_h = 1,
+                                  .pad_w = 1};
+  const kernels::Pool2dShape pool{.channels = 4,
+                                  .in_h = conv.out_h(),
+                                  .in_w = conv.out_w(),
+                                  .k_h = 3,
+                                  .k_w = 2,
+                                  .stride_h = 1,
+                                  .stride_w = 2};
+  LayerStack stack;
+  stack.label = "odd-conv";
+  stack.layers.push_back(std::make_unique<Conv2d>(conv));
+  stack.layers.push_back(std::make_unique<Relu>(conv.out_size()));
+  stack.layers.push_back(std::make_unique<MaxPool2d>(pool));
+  stack.layers.push_back(std::make_unique<Flatten>(4, pool.out_h(), pool.out_w()));
+  stack.layers.push_back(std::make_unique<Linear>(pool.out_size(), spec.n_classes));
+  return stack;
+}
+
+// Like docs/examples/custom_model's Tanh: a layer no device backend knows.
+class Tanh final : public Layer {
+ public:
+  explicit Tanh(size_t size) : size_(size) {}
+  std::string name() const override { return "tanh " + std::to_string(size_); }
+  size_t in_size() const override { return size_; }
+  size_t out_size() const override { return size_; }
+  void forward(const float* x, float* y, size_t batch) override {
+    for (size_t i = 0; i < batch * size_; ++i) y[i] = std::tanh(x[i]);
+  }
+  void backward(const float* /*x*/, const float* y, const float* dy, float* dx,
+                size_t batch) override {
+    if (dx == nullptr) return;
+    for (size_t i = 0; i < batch * size_; ++i) dx[i] = dy[i] * (1.0f - y[i] * y[i]);
+  }
+
+ private:
+  size_t size_;
+};
+
+LayerStack build_tanh_net(const ModelSpec& spec) {
+  LayerStack stack;
+  stack.label = "tanh-net";
+  stack.layers.push_back(std::make_unique<Linear>(spec.input_size(), 16));
+  stack.layers.push_back(std::make_unique<Tanh>(16));
+  stack.layers.push_back(std::make_unique<Linear>(16, spec.n_classes));
+  return stack;
+}
+
+TEST(DevicePlan, RegisteredCustomModel) {
+  register_model("plan-odd-conv", &build_odd_conv);
+  const ModelSpec spec = spec_for("plan-odd-conv", 3, 9, 7, 6);
+  const DevicePlan plan = make_device_plan(spec);
+  // conv: (9+2-3)/2+1 = 5 rows, (7+2-3)/2+1 = 4 columns; pool 3x2/1x2: 3 rows, 2 columns.
+  expect_layers(plan,
+                {{Kind::kConv2d, "conv 3x3 3->4 stride 2 pad 1 (9x7->5x4)", 189, 80, 0, 4 * 27 + 4},
+                 {Kind::kRelu, "relu 80", 80, 80, 112, 0},
+                 {Kind::kMaxPool2d, "maxpool 3x2/1x2 4x5x4->4x3x2", 80, 24, 112, 0},
+                 {Kind::kFlatten, "flatten 4x3x2->24", 24, 24, 112, 0},
+                 {Kind::kLinear, "linear 24->6", 24, 6, 112, 24 * 6 + 6}});
+  const kernels::Pool2dShape& pool = plan.layers[2].pool;
+  EXPECT_EQ(pool.channels, 4u);
+  EXPECT_EQ(pool.in_h, 5u);
+  EXPECT_EQ(pool.in_w, 4u);
+  EXPECT_EQ(pool.k_h, 3u);
+  EXPECT_EQ(pool.k_w, 2u);
+  EXPECT_EQ(pool.stride_h, 1u);
+  EXPECT_EQ(pool.stride_w, 2u);
+  EXPECT_EQ(plan.layers[0].conv.stride_h, 2u);
+  EXPECT_EQ(plan.layers[0].conv.in_c, 3u);
+  expect_matches_cpu_model(plan, spec);
+}
+
+TEST(DevicePlan, UnsupportedLayerIsRefusedByName) {
+  register_model("plan-tanh-net", &build_tanh_net);
+  const ModelSpec spec = spec_for("plan-tanh-net");
+  EXPECT_NO_THROW(make_model(spec, 4, 1));  // the CPU runs it
+  std::string msg;
+  try {
+    make_device_plan(spec, "cuda");
+    FAIL() << "a plan for a tanh layer";
+  } catch (const DeviceError& e) {
+    msg = e.what();
+  }
+  EXPECT_NE(msg.find("'tanh 16'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("layer 2 of 3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("tanh-net"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("no cuda implementation"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+}
+
+TEST(DevicePlan, StacksTheCpuModelRefusesAreRefused) {
+  EXPECT_THROW(make_device_plan(spec_for("no-such-model")), InvalidArgument);
+  EXPECT_THROW(make_device_plan(spec_for("mlp", 0)), InvalidArgument);
+  EXPECT_THROW(make_device_plan(LayerStack{}, 10), InvalidArgument);
+
+  LayerStack mismatched;
+  mismatched.layers.push_back(std::make_unique<Linear>(8, 4));
+  mismatched.layers.push_back(std::make_unique<Linear>(5, 3));
+  EXPECT_THROW(make_device_plan(mismatched, 3), InvalidArgument);
+
+  LayerStack wrong_width;
+  wrong_width.layers.push_back(std::make_unique<Linear>(8, 4));
+  EXPECT_THROW(make_device_plan(wrong_width, 3), InvalidArgument);
+}
+
+// build_layer_stack is what make_model builds: the same layers, unbound.
+TEST(BuildLayerStack, IsTheStackMakeModelBuilds) {
+  const ModelSpec spec = spec_for("cnn");
+  const LayerStack stack = build_layer_stack(spec);
+  size_t n_params = 0;
+  for (const auto& layer : stack.layers) n_params += layer->n_params();
+  const auto model = make_model(spec, 2, 3);
+  EXPECT_EQ(n_params, model->n_params());
+  EXPECT_EQ(stack.layers.front()->in_size(), model->input_size());
+  EXPECT_EQ(model->describe(), stack.label + " (" + std::to_string(n_params) + " params)");
+}
+
+}  // namespace
+}  // namespace resync::models
