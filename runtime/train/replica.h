@@ -88,7 +88,7 @@ class Replica {
 // number of visible devices (local_rank: collectives::node_local_rank().rank).
 // Throws InvalidArgument for an unknown device or a bad spec, and DeviceError with one line when
 // the CUDA replica cannot be made: "this build has no CUDA support", "no CUDA device is available
-// (...)", "model cnn is not yet supported on cuda", or an out-of-memory message.
+// (...)", "... layer 'tanh 64' has no cuda implementation", or an out-of-memory message.
 std::unique_ptr<Replica> make_replica(const std::string& device, const models::ModelSpec& spec,
                                       size_t max_batch, uint64_t seed,
                                       const kernels::SgdHyper& hyper, int local_rank);

@@ -82,6 +82,7 @@ class CudaReplica final : public Replica {
     grads_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
     params_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
     velocity_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
+    host_state_ = {params_host_->span(), velocity_host_->span()};
 
     // The CPU model draws the initial parameters: copying them up makes a CUDA run start
     // exactly where a CPU run with the same seed does.
@@ -141,7 +142,6 @@ class CudaReplica final : public Replica {
   }
 
   std::span<const std::span<float>> host_state() override {
-    host_state_ = {params_host_->span(), velocity_host_->span()};
     return host_state_;
   }
   void apply_update_from_optimizer_state() override {
@@ -163,10 +163,6 @@ class CudaReplica final : public Replica {
     ctx_.synchronize();
   }
 
- private:
-  std::array<std::span<float>, 2> host_state_;  // what host_state() returns
-
- public:
   models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) override {
     models::EvalResult result;
     result.count = n;
@@ -219,6 +215,7 @@ class CudaReplica final : public Replica {
   std::unique_ptr<PinnedBuffer<float>> grads_host_;
   std::unique_ptr<PinnedBuffer<float>> params_host_;
   std::unique_ptr<PinnedBuffer<float>> velocity_host_;
+  std::array<std::span<float>, 2> host_state_;  // what host_state() returns
 };
 
 }  // namespace
