@@ -45,6 +45,25 @@ class TimeoutError : public CommError {
   uint64_t seq_;
 };
 
+// A loss, gradient or parameter that became NaN or infinite during training (a diverging
+// run): a runtime failure (exit code 1) that ends the whole job. The message is one line naming
+// the step and the rank, e.g. "non-finite loss (nan) at step 17 on rank 2". `reported_by_peer`:
+// another rank reports the same failure (it saw the same values, or this rank told it), so this
+// rank prints nothing unless that rank fails to end the job (see runtime/io/cli.cpp).
+class NonFiniteError : public Error {
+ public:
+  NonFiniteError(const std::string& what, uint64_t step, int rank, bool reported_by_peer = false)
+      : Error(what), step_(step), rank_(rank), reported_by_peer_(reported_by_peer) {}
+  uint64_t step() const { return step_; }
+  int rank() const { return rank_; }
+  bool reported_by_peer() const { return reported_by_peer_; }
+
+ private:
+  uint64_t step_;
+  int rank_;
+  bool reported_by_peer_;
+};
+
 // A CUDA, cuBLAS or NCCL failure.
 class DeviceError : public Error {
  public:

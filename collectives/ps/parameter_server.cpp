@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <exception>
 #include <utility>
 
 #include "base/error.h"
@@ -158,6 +159,16 @@ void ParameterServer::handle(Slot& slot) {
 void ParameterServer::run() {
   Transport& t = ctx_->transport();
   std::vector<Slot> slots(clients_.size());
+  // If serving fails (a malformed request; apply or observe threw, e.g. on a non-finite
+  // gradient), the receives still posted may complete into the slots' buffers while the
+  // exception ends this rank: those buffers are then leaked, never freed under MPI.
+  struct LeakOnThrow {
+    std::vector<Slot>& slots;
+    int uncaught = std::uncaught_exceptions();
+    ~LeakOnThrow() {
+      if (std::uncaught_exceptions() > uncaught) new std::vector<Slot>(std::move(slots));
+    }
+  } leak_on_throw{slots};
   auto post_header = [&](Slot& s) {
     s.header = ctx_->irecv(s.client, OpKind::kParameterServer, kHeaderSeq, bytes_of(s.request));
     s.header_ready = false;

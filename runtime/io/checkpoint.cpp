@@ -17,6 +17,7 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "runtime/train/finite.h"
 
 namespace resync::runtime {
 namespace {
@@ -253,6 +254,9 @@ void prepare_checkpoint_dir(const std::string& dir) {
 std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
                              std::span<const float> params,
                              std::span<const float> optimizer_state) {
+  // A diverged state (NaN or inf) is never written: NonFiniteError before any file is touched.
+  check_finite_values(params, "parameters to checkpoint", meta.step, process_rank());
+  check_finite_values(optimizer_state, "optimizer state to checkpoint", meta.step, process_rank());
   const std::vector<uint8_t> bytes = encode(meta, params, optimizer_state);
   const std::string name = checkpoint_file_name(meta.step);
   const std::string path = (fs::path(dir) / name).string();

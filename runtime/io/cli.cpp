@@ -132,6 +132,16 @@ int run_cli(int argc, char** argv) {
     // No usable device, agreed on by every rank at set-up: one line, exit 1, no MPI abort.
     if (!is_quiet_peer_failure(e)) print_error(-1, e.what());
     return kExitRuntime;
+  } catch (const NonFiniteError& e) {
+    // A diverged run: the message names the step and the rank already. One rank reports it and
+    // ends the whole job; a rank whose failure another rank reports (the same values, or told
+    // it) waits quietly for that, and reports it itself only if the job is still running.
+    if (e.reported_by_peer() && rank >= 0) {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+    }
+    print_error(-1, e.what());
+    if (rank >= 0) collectives::abort_world(kExitRuntime);
+    return kExitRuntime;
   } catch (const std::exception& e) {
     // A runtime failure may leave other ranks waiting on this one: end the whole job.
     print_error(rank, e.what());

@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cmath>
+
 #include "base/error.h"
 #include "base/log.h"
 #include "models/model.h"
@@ -45,7 +47,27 @@ CLI::Validator inject_delay_validator() {
       "SPEC");
 }
 
+// CLI11 validator: the value must be a finite number of type T (CLI::Range lets NaN through,
+// since every comparison with it is false, and a NaN or infinite learning rate, momentum, decay
+// or time would train to a NaN loss or never end). Checked before the range, so the message
+// says what is wrong. Every floating-point flag carries it.
+template <typename T>
+CLI::Validator finite_number() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        T v{};
+        if (!CLI::detail::lexical_cast(value, v)) return "'" + value + "' is not a number";
+        if (!std::isfinite(v)) return "must be a finite number, got '" + value + "'";
+        return {};
+      },
+      "");
+}
+
 }  // namespace
+
+float default_lr(const std::string& mode) {
+  return mode == "async" ? kDefaultLrAsync : kDefaultLrSync;
+}
 
 void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.set_config("--config", "", "Read flags from a TOML file (keys are the long flag names)");
@@ -77,14 +99,25 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--batch-size", cfg.batch_size, "Mini-batch size per rank")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{65536}));
-  app.add_option("--lr", cfg.lr, "Learning rate")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0f, 100.0f));
+  // The learning rate's default depends on --mode (each async gradient is its own update, see
+  // TrainConfig::lr); it applies only when neither the command line nor --config sets --lr.
+  CLI::Option* lr = app.add_option(
+                           "--lr", cfg.lr,
+                           fmt::format("Learning rate (default {} with --mode sync, {} with "
+                                       "--mode async)",
+                                       kDefaultLrSync, kDefaultLrAsync))
+                        ->check(finite_number<float>())
+                        ->check(CLI::Range(0.0f, 100.0f));
+  app.final_callback([lr, &cfg] {
+    if (lr->count() == 0) cfg.lr = default_lr(cfg.mode);
+  });
   app.add_option("--momentum", cfg.momentum, "SGD momentum in [0, 1)")
       ->capture_default_str()
+      ->check(finite_number<float>())
       ->check(CLI::Range(0.0f, 0.999999f));
   app.add_option("--weight-decay", cfg.weight_decay, "L2 weight decay")
       ->capture_default_str()
+      ->check(finite_number<float>())
       ->check(CLI::Range(0.0f, 1.0f));
   app.add_option("--seed", cfg.seed, "Seed of initialisation, shuffling and injected delays")
       ->capture_default_str();
@@ -99,6 +132,7 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--straggler-timeout-ms", cfg.straggler_timeout_ms,
                  "Close a step this long after its first READY (0 = no timeout)")
       ->capture_default_str()
+      ->check(finite_number<double>())
       ->check(CLI::Range(0.0, 3.6e6));
   app.add_option("--min-quorum", cfg.min_quorum,
                  "Fewest ranks a timed-out step may close with")
@@ -107,10 +141,12 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--stall-warning-s", cfg.stall_warning_s,
                  "Log the missing ranks when no step closes for this long")
       ->capture_default_str()
+      ->check(finite_number<double>())
       ->check(CLI::Range(0.001, 1e6));
   app.add_option("--stall-abort-s", cfg.stall_abort_s,
                  "Abort the job when no step closes for this long (0 = never)")
       ->capture_default_str()
+      ->check(finite_number<double>())
       ->check(CLI::Range(0.0, 1e6));
   app.add_option("--inject-delay", cfg.inject_delay,
                  "Straggler injection before READY: none | fixed:RANK:MS | "
@@ -183,10 +219,25 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--progress-every-s", cfg.progress_every_s,
                  "Seconds between plain progress lines (batch logs)")
       ->capture_default_str()
+      ->check(finite_number<double>())
       ->check(CLI::Range(0.1, 1e6));
 }
 
 void validate_for_world(const TrainConfig& cfg, int world_size) {
+  // The flags' validators reject NaN and inf already; a config built in code gets here too.
+  const std::pair<const char*, double> reals[] = {
+      {"--lr", cfg.lr},
+      {"--momentum", cfg.momentum},
+      {"--weight-decay", cfg.weight_decay},
+      {"--straggler-timeout-ms", cfg.straggler_timeout_ms},
+      {"--stall-warning-s", cfg.stall_warning_s},
+      {"--stall-abort-s", cfg.stall_abort_s},
+      {"--progress-every-s", cfg.progress_every_s}};
+  for (const auto& [flag, value] : reals) {
+    if (!std::isfinite(value)) {
+      throw InvalidArgument(fmt::format("{}: must be a finite number, got {}", flag, value));
+    }
+  }
   if (cfg.backup_workers >= world_size) {
     throw InvalidArgument(fmt::format(
         "--backup-workers {} must be smaller than the number of ranks ({})", cfg.backup_workers,

@@ -13,6 +13,13 @@ class App;
 
 namespace resync::runtime {
 
+// Default learning rates per --mode, used when --lr is given neither on the command line nor in
+// the --config file. In async mode every gradient is its own update (3 workers make 3 updates
+// where sync mode makes one averaged update) and staleness adds momentum, so sync mode's rate
+// is too large there (README, "Asynchronous mode").
+inline constexpr float kDefaultLrSync = 0.05f;
+inline constexpr float kDefaultLrAsync = 0.02f;
+
 struct TrainConfig {
   // Model and data.
   std::string model = "mlp";
@@ -24,7 +31,7 @@ struct TrainConfig {
   size_t epochs = 1;
   size_t steps = 0;  // if > 0, overrides --epochs
   size_t batch_size = 64;  // per rank
-  float lr = 0.05f;
+  float lr = kDefaultLrSync;  // the command line: default_lr(mode) unless --lr is given
   float momentum = 0.9f;
   float weight_decay = 0.0f;
   uint64_t seed = 1;
@@ -61,10 +68,14 @@ struct TrainConfig {
   double progress_every_s = 30;   // interval of the plain progress line (not a terminal)
 };
 
+// The learning rate of `mode` ("sync" or "async") when --lr is not given.
+float default_lr(const std::string& mode);
+
 // Declares the `train` flags on `app` (a CLI11 subcommand), bound to `cfg`, with --config.
 void declare_train_flags(CLI::App& app, TrainConfig& cfg);
 
-// Checks what needs the world size; throws resync::InvalidArgument naming the flag.
+// Checks what needs the world size, and that every floating-point setting is finite (also for a
+// TrainConfig built in code); throws resync::InvalidArgument naming the flag.
 void validate_for_world(const TrainConfig& cfg, int world_size);
 
 // One line per setting, for rank 0's start-up log.

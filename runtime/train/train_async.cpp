@@ -14,6 +14,7 @@
 #include <fmt/ranges.h>
 
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -30,6 +31,7 @@
 #include "kernels/sgd.h"
 #include "models/model.h"
 #include "runtime/train/checksum.h"
+#include "runtime/train/finite.h"
 #include "runtime/train/inject_delay.h"
 #include "runtime/train/train.h"
 #include "runtime/train/train_common.h"
@@ -41,6 +43,21 @@ using Clock = std::chrono::steady_clock;
 
 // Telemetry a worker sends along with each push (PsRequest::user).
 enum Telemetry : size_t { kLoss = 0, kComputeMs = 1, kDelayMs = 2, kPrevExchangeMs = 3 };
+
+// A worker whose loss or gradient turned NaN or inf tells server 0 (rank 0) in a query whose
+// telemetry is this report instead (kBadValue is never finite; a push never carries one), and
+// rank 0 ends the job with one line naming the worker's step and rank: several workers diverge
+// at once (they share the parameters), and one rank must report, not each of them.
+enum NonFiniteReport : size_t { kBadValue = 0, kBadIsGradient = 1, kBadIndex = 2, kBadCount = 3 };
+
+NonFiniteError non_finite_error(const std::array<double, 4>& report, uint64_t step, int rank,
+                                bool reported_by_peer) {
+  if (report[kBadIsGradient] == 0) {
+    return non_finite_loss_error(report[kBadValue], step, rank, reported_by_peer);
+  }
+  return non_finite_values_error("gradient", report[kBadValue], size_t(report[kBadIndex]),
+                                 size_t(report[kBadCount]), step, rank, reported_by_peer);
+}
 
 std::vector<int> rank_range(int begin, int end) {
   std::vector<int> r(static_cast<size_t>(std::max(0, end - begin)));
@@ -79,6 +96,17 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
     const Clock::time_point t0 = Clock::now();
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
     const double loss = model.forward_backward(s.x.data(), s.y.data(), cfg.batch_size);
+    // A diverged run stops here, before its loss or gradient reaches a server: rank 0 ends the
+    // job (exit 1) on the report; this rank waits for that (NonFiniteError, reported by peer).
+    if (!std::isfinite(loss) || !all_finite(grads)) [[unlikely]] {
+      const size_t bad = std::isfinite(loss) ? first_non_finite(grads) : 0;
+      const std::array<double, 4> report =
+          std::isfinite(loss) ? std::array<double, 4>{grads[bad], 1, double(bad),
+                                                      double(grads.size())}
+                              : std::array<double, 4>{loss, 0, 0, 0};
+      client.versions_behind(step, report);
+      throw non_finite_error(report, step, s.rank, /*reported_by_peer=*/true);
+    }
     const double compute_ms = ms_since(t0);
 
     // Straggler injection, a sleep on purpose: the same delay this rank would sleep at this
@@ -124,6 +152,9 @@ class Rank0Monitor {
   }
 
   void observe(const collectives::RequestEvent& e) {
+    if (!std::isfinite(e.user[kBadValue])) [[unlikely]] {  // a worker's non-finite report
+      throw non_finite_error(e.user, e.step, e.client, /*reported_by_peer=*/false);
+    }
     const size_t w = static_cast<size_t>(e.client);
     if (e.step + 1 > progress_[w]) {
       total_progress_ += e.step + 1 - progress_[w];
@@ -244,6 +275,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
     std::span<float> shard = layout.slice(params, rank);
     std::span<float> velocity = layout.slice(s.optimizer.state(), rank);
     const kernels::SgdHyper hyper{cfg.lr, cfg.momentum, cfg.weight_decay};
+    uint64_t updates = 0;  // this server's version: names the update a bad gradient was for
     std::vector<int> clients = rank_range(cfg.ps, world);
     if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
     if (rank == 0) monitor.emplace(s, ctx, layout, start);
@@ -252,7 +284,10 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
         {.max_staleness = cfg.max_staleness,
          .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000))},
         [&](std::span<const float> grad) {
+          // Workers check before pushing; a non-finite gradient is never applied regardless.
+          check_finite_values(grad, "gradient received by the parameter server", updates, rank);
           kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+          ++updates;
         },
         [&](const collectives::RequestEvent& e) {
           if (monitor) monitor->observe(e);

@@ -6,8 +6,10 @@ Each scenario asserts and exits non-zero with a message naming what differed.
 """
 import json
 import os
+import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from e2e_util import E2e  # noqa: E402
@@ -218,6 +220,45 @@ def scenario_bad_input():
     ]
     for np, args, mention in cases:
         expect_bad_input(np, args, mention)
+
+
+def scenario_non_finite_flags():
+    # NaN and inf are bad input (exit 2, one line) on every floating-point flag, in async mode too.
+    for flag in ["--lr", "--momentum", "--weight-decay", "--stall-warning-s", "--stall-abort-s",
+                 "--progress-every-s"]:
+        expect_bad_input(4, ["train"] + QUICK + ["--ps", "1", flag, "nan"], flag)
+    expect_bad_input(4, ["train"] + QUICK + ["--ps", "1", "--lr", "inf"], "--lr")
+
+
+def scenario_diverging():
+    # lr 100 with weight decay 1 multiplies the parameters by about -99 per update: they overflow
+    # within about 8 steps (lr 100 alone only kills every ReLU and stays finite). The workers'
+    # NaN loss must end the whole job at once: exit 1, one line (from rank 0, on the first
+    # worker's report) naming the worker's step and rank, no hang.
+    args = quick("100", "0.9") + ["--weight-decay", "1", "--ps", "1", "--steps", "2000",
+                                  "--metrics", os.path.join(TMP, "diverging.jsonl")]
+    t0 = time.time()
+    p = run(4, ["train"] + args, timeout=90)
+    elapsed = time.time() - t0
+    if p.returncode != 1:
+        fail(f"a diverging run exited {p.returncode}, expected 1\n{p.stderr[-3000:]}")
+    ours = [line for line in p.stderr.splitlines() if line.startswith("resync: error")]
+    if len(ours) != 1:
+        fail(f"expected one 'resync: error' line, got {ours}\n{p.stderr[-3000:]}")
+    m = re.fullmatch(r"resync: error: non-finite (loss|gradient) \((.+?)\) at step (\d+) on "
+                     r"rank (\d+)", ours[0])
+    if not m:
+        fail(f"the error line does not name a non-finite loss or gradient, its step and rank: "
+             f"{ours[0]}")
+    step, rank = int(m.group(3)), int(m.group(4))
+    if rank not in (1, 2, 3):
+        fail(f"the error names rank {rank}, not a worker (1..3): {ours[0]}")
+    if step >= 2000:
+        fail(f"the error names step {step}, past the run's 2000 steps")
+    path = os.path.join(TMP, "diverging.jsonl")
+    if os.path.exists(path) and any('"event":"summary"' in line for line in open(path)):
+        fail("a diverged run wrote a summary")
+    print(f"diverged: {ours[0]} after {elapsed:.1f} s")
 
 
 globals()["scenario_" + SCENARIO]()

@@ -4,11 +4,15 @@
 Usage: e2e_train.py RESYNC_BINARY MPIEXEC SCENARIO
 Each scenario asserts and exits non-zero with a message naming what differed.
 """
+import array
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from e2e_util import ENV, QUICK, E2e  # noqa: E402
@@ -282,6 +286,59 @@ def scenario_device_cuda_without_gpu():
         if len(ours) != 1 or "cuda" not in ours[0].lower():
             fail(f"expected one 'resync: error' line about CUDA at np {np}, got {ours}")
     expect_bad_input(1, ["train", "--collective", "nccl"] + QUICK, "--device cuda")
+
+
+def checkpoint_values(path):
+    """The step, parameters and momentum of a checkpoint file (runtime/io/checkpoint.h)."""
+    data = open(path, "rb").read()
+    if data[:8] != b"RSYNCKPT":
+        fail(f"{path} is not a checkpoint")
+    off = 24
+    step, _world, _reserved, _seed, _batch, model_len = struct.unpack_from("<QIIQQI", data, off)
+    off += 36 + model_len
+    values = []
+    for _ in range(2):  # parameters, then the optimizer state
+        (n,) = struct.unpack_from("<Q", data, off)
+        off += 8
+        values.append(array.array("f", data[off:off + 4 * n]))
+        off += 4 * n
+    return step, values[0], values[1]
+
+
+def scenario_diverging():
+    # lr 100 with weight decay 1 multiplies the parameters by about -99 per step: they overflow
+    # within about 8 steps (lr 100 alone only kills every ReLU and stays finite). The NaN loss or
+    # gradient must end the whole job at once: exit 1, one line naming the step and the rank, no
+    # hang, and no checkpoint written from the non-finite state (one is written after every
+    # finite step).
+    d = os.path.join(TMP, "ck")
+    args = QUICK + ["--lr", "100", "--weight-decay", "1", "--steps", "2000", "--checkpoint-dir",
+                    d, "--checkpoint-every", "1", "--checkpoint-keep", "1000000"]
+    t0 = time.time()
+    p = run(2, ["train"] + args, timeout=90)
+    elapsed = time.time() - t0
+    if p.returncode != 1:
+        fail(f"a diverging run exited {p.returncode}, expected 1\n{p.stderr[-3000:]}")
+    ours = [line for line in p.stderr.splitlines() if line.startswith("resync: error")]
+    if len(ours) != 1:
+        fail(f"expected one 'resync: error' line, got {ours}\n{p.stderr[-3000:]}")
+    m = re.fullmatch(r"resync: error: non-finite (\S+ )*\((.+?)\) at step (\d+) on rank (\d+)",
+                     ours[0])
+    if not m:
+        fail(f"the error line does not name a non-finite value, its step and rank: {ours[0]}")
+    step, rank = int(m.group(3)), int(m.group(4))
+    if rank not in (0, 1) or step >= 2000:
+        fail(f"the error names step {step} on rank {rank}: {ours[0]}")
+    files = sorted(f for f in os.listdir(d) if f.endswith(".rsck")) if os.path.isdir(d) else []
+    for name in files:
+        ck_step, params, momentum = checkpoint_values(os.path.join(d, name))
+        bad = [v for v in list(params) + list(momentum) if v != v or v in (float("inf"),
+                                                                            float("-inf"))]
+        if bad:
+            fail(f"checkpoint {name} (step {ck_step}) holds {len(bad)} non-finite values")
+        if ck_step > step:
+            fail(f"checkpoint {name} is of step {ck_step}, after the failing step {step}")
+    print(f"diverged: {ours[0]} after {elapsed:.1f} s; {len(files)} finite checkpoints before it")
 
 
 globals()["scenario_" + SCENARIO]()
