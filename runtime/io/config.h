@@ -36,15 +36,15 @@ struct TrainConfig {
   float weight_decay = 0.0f;
   uint64_t seed = 1;
   int threads = 1;  // BLAS threads per rank
-  // Straggler tolerance (see DESIGN.md, "The synchronous step").
+  // Straggler tolerance (see docs/DESIGN.md, "The life of a step").
   int backup_workers = 0;
   double straggler_timeout_ms = 0;  // 0 = no timeout
   int min_quorum = 1;  // fewest ranks a timed-out step may close with
   double stall_warning_s = 60;
   double stall_abort_s = 0;  // 0 = never abort
   std::string inject_delay = "none";
-  bool early_catch_up = true;  // serve late ranks while the next step is open (DESIGN.md)
-  // Mode: synchronous ring, or asynchronous parameter servers (DESIGN.md, "Asynchronous mode").
+  bool early_catch_up = true;  // serve late ranks while the next step is open (docs/DESIGN.md)
+  // Mode: synchronous ring, or asynchronous parameter servers (docs/DESIGN.md, "Asynchronous mode").
   std::string mode = "sync";  // sync | async
   int ps = 1;                 // async: ranks 0..ps-1 are parameter servers
   int max_staleness = -1;     // async: drop gradients staler than this (-1 = no bound)

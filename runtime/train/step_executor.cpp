@@ -11,6 +11,7 @@
 #include "base/log.h"
 #include "collectives/state/state_transfer.h"
 #include "runtime/train/checksum.h"
+#include "runtime/train/finite.h"
 #include "runtime/train/train_common.h"
 
 namespace resync::runtime {
@@ -131,6 +132,12 @@ bool StepExecutor::participate(StepOrder& order) {
     return false;
   }
   if (passive) ++passive_steps_;
+  // Every member holds the same sum: the lowest participant reports a diverged run, once. A
+  // rank's non-finite loss shows here too, its gradient having spoiled the sum.
+  if (options_.check_summed_gradient) {
+    check_finite_shared(grads, "summed gradient", order.step, rank_,
+                        order.participants.empty() ? rank_ : order.participants.front());
+  }
 
   // The averaged update, then the fresh state to the late ranks this rank serves.
   if (board_) board_->begin_update();

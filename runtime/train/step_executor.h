@@ -89,6 +89,9 @@ class StepExecutor {
     bool straggler_mode = false;
     // How long a catch-up waits for a donor's state in shared memory.
     std::chrono::milliseconds state_timeout{2000};
+    // Whether StepState::gradient() holds the sum after the exchange (not so for NCCL's device
+    // gradient): then a non-finite sum stops the job before the update (NonFiniteError).
+    bool check_summed_gradient = true;
   };
 
   // `board`: this rank's state in the node's shared memory (nullptr if it is not kept there);

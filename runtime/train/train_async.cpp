@@ -1,4 +1,4 @@
-// Asynchronous parameter-server training (--mode async; DESIGN.md, "Asynchronous mode").
+// Asynchronous parameter-server training (--mode async; docs/DESIGN.md, "Asynchronous mode").
 // Ranks 0..ps-1 serve contiguous shards of the parameters and their momentum; the other ranks
 // are workers. A worker step reads top to bottom: batch -> forward/backward -> injected delay
 // -> (with --max-staleness: refresh instead if too far behind) -> push every gradient shard and

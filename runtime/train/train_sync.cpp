@@ -121,7 +121,8 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   ReplicaStepState step_state(replica, s);
   StepExecutor executor(
       {.straggler_mode = straggler_mode,
-       .state_timeout = std::chrono::milliseconds(cfg.ring_timeout_ms)},
+       .state_timeout = std::chrono::milliseconds(cfg.ring_timeout_ms),
+       .check_summed_gradient = !plane.nccl},
       ctx, *control, *plane.exchange, step_state, plane.board.get(), *timeline);
   executor.resumed_at(start_step);
   RankZeroDuties duties(s, *timeline, progress, start_step, resumed.path);
