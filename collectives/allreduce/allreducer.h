@@ -1,3 +1,9 @@
+// collectives/allreduce: in-place float sums over a step's participants. The Allreducer (this
+// header) picks a path per call: shared memory inside a node (shm_allreduce.h), a latency-optimal
+// exchange for small buffers (small_allreduce.h) or the pipelined ring (ring_allreduce.h), all
+// summing in one fixed order (float_sum.h) so participants agree bit for bit. Also the NCCL
+// communicator (--collective nccl) and the MPI_Allreduce peer of the benchmark.
+//
 // Allreducer: the gradient all-reduce of the training loop. Per call it picks shared memory
 // (participants on one node), a latency-optimal exchange (small buffers) or the ring.
 #pragma once

@@ -1,3 +1,5 @@
+// collectives/ps: the asynchronous mode's data plane.
+//
 // Parameter-server exchange for asynchronous training (docs/DESIGN.md, "Asynchronous mode"): the
 // shard layout, the server loop that applies each gradient as it arrives, and the client side.
 #pragma once

@@ -1,3 +1,7 @@
+// collectives/state: how a late rank gets a peer's training state: a point-to-point transfer
+// (this header) or a one-sided copy out of the donor's region of the node's shared memory under
+// a seqlock (shm_state.h). The layout of that state is base/state_layout.h.
+//
 // Point-to-point transfer of a rank's training state (a list of float buffers plus a small
 // header) from one rank to another, e.g. to let a straggler catch up with the fresh state.
 #pragma once

@@ -1,3 +1,9 @@
+// collectives/transport: how bytes move between ranks. Transport (this header) with MpiTransport
+// (MPI on a private communicator) and LoopbackTransport (ranks as threads, for tests); the
+// Context every collective runs with; MpiSession (MPI_Init/Finalize) and the whole-world
+// agreements of start-up and end (world.h). The only folder besides allreduce/ and ps/ that
+// calls MPI.
+//
 // Transport: the point-to-point byte mover under every collective (Gloo-style split), and
 // Request, the move-only handle of one non-blocking send or receive.
 #pragma once

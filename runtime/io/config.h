@@ -1,3 +1,6 @@
+// runtime/io: what goes in and out of a run: the configuration (this header, cli.h), the data
+// sets (dataset.h, idx.h) and checkpoints (checkpoint.h).
+//
 // TrainConfig: every knob of `resync train`, declared once (flag, default, validation, help)
 // in config.cpp, settable from the command line or a TOML file given with --config.
 #pragma once

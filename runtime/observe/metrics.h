@@ -1,3 +1,6 @@
+// runtime/observe: what a run reports: JSON Lines metrics (this header), rank 0's progress line
+// (progress.h) and the per-rank Chrome-trace timeline (timeline.h).
+//
 // JSON Lines metrics, written by rank 0: one object per step (or every k-th), per evaluation,
 // and a summary at the end. Each line is flushed so a running job can be watched.
 #pragma once

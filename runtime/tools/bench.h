@@ -1,3 +1,5 @@
+// runtime/tools: the other subcommands of `resync`: `bench allreduce`, `bench step` and `info`.
+//
 // `resync bench ...`: benchmarks users run to judge resync on their machine.
 #pragma once
 

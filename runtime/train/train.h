@@ -1,3 +1,9 @@
+// runtime/train: the training loops and what they run: the synchronous loop (train_sync.cpp)
+// feeding the step protocol's StepExecutor (step_executor.h), its set-up (sync_setup.h) and rank
+// 0's duties between steps (rank_zero_duties.h); the asynchronous loop (train_async.cpp); the
+// Replica on each device (replica.h), the optimizer, injected delays, preemption signals and the
+// non-finite checks.
+//
 // The training entry points of `resync train`: synchronous data-parallel SGD with the
 // straggler-tolerant ring all-reduce.
 #pragma once
