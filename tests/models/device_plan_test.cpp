@@ -15,6 +15,7 @@
 #include "models/conv_layers.h"
 #include "models/layers.h"
 #include "models/model.h"
+#include "tests/models/custom_layers.h"
 
 namespace resync::models {
 namespace {
@@ -114,61 +115,13 @@ TEST(DevicePlan, CnnShapesComeFromTheLayers) {
 // A model an outside program registers, with shapes no built-in uses: a non-square multi-channel
 // input, a strided convolution, an overlapping non-square pool. All read from its layers.
 LayerStack build_odd_conv(const ModelSpec& spec) {
-  const kernels::Conv2dShape conv{.in_c = spec.in_channels,
-                                  .in_h = spec.in_height,
-                                  .in_w = spec.in_width,
-                                  .out_c = 4,
-                                  .k_h = 3,
-                                  .k_w = 3,
-                                  .stride_h = 2,
-                                  .stride_w = 2,
-                                  .pad_h = 1,
-                                  .pad_w = 1};
-  const kernels::Pool2dShape pool{.channels = 4,
-                                  .in_h = conv.out_h(),
-                                  .in_w = conv.out_w(),
-                                  .k_h = 3,
-                                  .k_w = 2,
-                                  .stride_h = 1,
-                                  .stride_w = 2};
   LayerStack stack;
-  stack.label = "odd-conv";
-  stack.layers.push_back(std::make_unique<Conv2d>(conv));
-  stack.layers.push_back(std::make_unique<Relu>(conv.out_size()));
-  stack.layers.push_back(std::make_unique<MaxPool2d>(pool));
-  stack.layers.push_back(std::make_unique<Flatten>(4, pool.out_h(), pool.out_w()));
-  stack.layers.push_back(std::make_unique<Linear>(pool.out_size(), spec.n_classes));
+  const size_t features = testing::add_odd_conv_features(spec, stack);
+  stack.layers.push_back(std::make_unique<Linear>(features, spec.n_classes));
   return stack;
 }
 
-// Like docs/examples/custom_model's Tanh: a layer no device backend knows.
-class Tanh final : public Layer {
- public:
-  explicit Tanh(size_t size) : size_(size) {}
-  std::string name() const override { return "tanh " + std::to_string(size_); }
-  size_t in_size() const override { return size_; }
-  size_t out_size() const override { return size_; }
-  void forward(const float* x, float* y, size_t batch) override {
-    for (size_t i = 0; i < batch * size_; ++i) y[i] = std::tanh(x[i]);
-  }
-  void backward(const float* /*x*/, const float* y, const float* dy, float* dx,
-                size_t batch) override {
-    if (dx == nullptr) return;
-    for (size_t i = 0; i < batch * size_; ++i) dx[i] = dy[i] * (1.0f - y[i] * y[i]);
-  }
-
- private:
-  size_t size_;
-};
-
-LayerStack build_tanh_net(const ModelSpec& spec) {
-  LayerStack stack;
-  stack.label = "tanh-net";
-  stack.layers.push_back(std::make_unique<Linear>(spec.input_size(), 16));
-  stack.layers.push_back(std::make_unique<Tanh>(16));
-  stack.layers.push_back(std::make_unique<Linear>(16, spec.n_classes));
-  return stack;
-}
+using testing::build_tanh_net;
 
 TEST(DevicePlan, RegisteredCustomModel) {
   register_model("plan-odd-conv", &build_odd_conv);

@@ -12,38 +12,12 @@
 #include "models/layers.h"
 #include "models/model.h"
 #include "runtime/train/replica.h"
+#include "tests/models/custom_layers.h"
 
 namespace resync::runtime {
 namespace {
 
-// The shape of docs/examples/custom_model's tanh-net: Tanh has no device twin.
-class Tanh final : public models::Layer {
- public:
-  explicit Tanh(size_t size) : size_(size) {}
-  std::string name() const override { return "tanh " + std::to_string(size_); }
-  size_t in_size() const override { return size_; }
-  size_t out_size() const override { return size_; }
-  void forward(const float* x, float* y, size_t batch) override {
-    for (size_t i = 0; i < batch * size_; ++i) y[i] = std::tanh(x[i]);
-  }
-  void backward(const float* /*x*/, const float* y, const float* dy, float* dx,
-                size_t batch) override {
-    if (dx == nullptr) return;
-    for (size_t i = 0; i < batch * size_; ++i) dx[i] = dy[i] * (1.0f - y[i] * y[i]);
-  }
-
- private:
-  size_t size_;
-};
-
-models::LayerStack build_tanh_net(const models::ModelSpec& spec) {
-  models::LayerStack stack;
-  stack.label = "tanh-net";
-  stack.layers.push_back(std::make_unique<models::Linear>(spec.input_size(), 16));
-  stack.layers.push_back(std::make_unique<Tanh>(16));
-  stack.layers.push_back(std::make_unique<models::Linear>(16, spec.n_classes));
-  return stack;
-}
+using models::testing::build_tanh_net;  // Tanh has no device twin
 
 models::LayerStack build_linear_relu(const models::ModelSpec& spec) {
   models::LayerStack stack;

@@ -19,6 +19,7 @@
 #include "models/conv_layers.h"
 #include "models/layers.h"
 #include "runtime/train/replica.h"
+#include "tests/models/custom_layers.h"
 #include "tests/models/replica_test_util.h"
 
 namespace resync::runtime {
@@ -31,31 +32,9 @@ using testing::seeded_batch;
 // a strided convolution and an overlapping, non-square pool (windows share inputs, so the
 // backward pass adds up), then Flatten, Linear, ReLU, Linear.
 models::LayerStack build_odd_conv(const models::ModelSpec& spec) {
-  const kernels::Conv2dShape conv{.in_c = spec.in_channels,
-                                  .in_h = spec.in_height,
-                                  .in_w = spec.in_width,
-                                  .out_c = 4,
-                                  .k_h = 3,
-                                  .k_w = 3,
-                                  .stride_h = 2,
-                                  .stride_w = 2,
-                                  .pad_h = 1,
-                                  .pad_w = 1};
-  const kernels::Pool2dShape pool{.channels = conv.out_c,
-                                  .in_h = conv.out_h(),
-                                  .in_w = conv.out_w(),
-                                  .k_h = 3,
-                                  .k_w = 2,
-                                  .stride_h = 1,
-                                  .stride_w = 2};
   models::LayerStack stack;
-  stack.label = "odd-conv";
-  stack.layers.push_back(std::make_unique<models::Conv2d>(conv));
-  stack.layers.push_back(std::make_unique<models::Relu>(conv.out_size()));
-  stack.layers.push_back(std::make_unique<models::MaxPool2d>(pool));
-  stack.layers.push_back(
-      std::make_unique<models::Flatten>(pool.channels, pool.out_h(), pool.out_w()));
-  stack.layers.push_back(std::make_unique<models::Linear>(pool.out_size(), spec.hidden.front()));
+  const size_t features = models::testing::add_odd_conv_features(spec, stack);
+  stack.layers.push_back(std::make_unique<models::Linear>(features, spec.hidden.front()));
   stack.layers.push_back(std::make_unique<models::Relu>(spec.hidden.front()));
   stack.layers.push_back(std::make_unique<models::Linear>(spec.hidden.front(), spec.n_classes));
   return stack;
