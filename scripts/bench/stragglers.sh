@@ -7,6 +7,8 @@
 #
 # Usage: scripts/bench/stragglers.sh [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS] [-r REPS]
 #   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms, 3 rounds
+# Across the nodes of a virtual cluster (scripts/vcluster up 2 --rate 1gbit first):
+#   LAUNCH="scripts/vcluster run --" HOSTS=n1:2,n2:2 scripts/bench/stragglers.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -29,7 +31,8 @@ common=(train --data synthetic --synthetic-train 40000 --hidden 512,512 --batch-
 
 run() {  # name, extra flags...
   local name=$1; shift
-  mpirun -np "$ranks" --oversubscribe --bind-to none "$resync" "${common[@]}" \
+  ${LAUNCH:-mpirun} -np "$ranks" ${HOSTS:+--host "$HOSTS"} --oversubscribe --bind-to none \
+    "$resync" "${common[@]}" \
     --metrics "$out/$name.jsonl" "$@"
 }
 
