@@ -133,8 +133,10 @@ Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed
 
 void Model::bind_layers() {
   size_t offset = 0;
+  layer_offsets_.clear();
   for (auto& layer : layers_) {
     const size_t n = layer->n_params();
+    layer_offsets_.push_back(offset);
     layer->bind(params_view_.subspan(offset, n), grads_view_.subspan(offset, n));
     offset += n;
   }
@@ -157,7 +159,8 @@ void Model::check_batch(const float* x, const int32_t* labels, size_t batch) con
                    "model: inputs or labels are null");
 }
 
-float Model::forward_backward(const float* x, const int32_t* labels, size_t batch) {
+float Model::forward_backward(const float* x, const int32_t* labels, size_t batch,
+                              const GradientsFinalHook& on_final) {
   check_batch(x, labels, batch);
   RESYNC_CHECK_ARG(batch > 0, "model: empty training batch");
   const size_t n_layers = layers_.size();
@@ -173,6 +176,7 @@ float Model::forward_backward(const float* x, const int32_t* labels, size_t batc
   for (size_t i = n_layers; i-- > 0;) {
     float* dx = i == 0 ? nullptr : dacts_[i - 1].data();
     layers_[i]->backward(input_of(i, x), acts_[i].data(), dacts_[i].data(), dx, batch);
+    if (on_final) on_final(layer_offsets_[i]);
   }
   return loss;
 }

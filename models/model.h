@@ -67,9 +67,15 @@ class Model {
   size_t n_classes() const { return loss_.n_classes(); }
   size_t max_batch() const { return max_batch_; }
 
+  // Called during the backward pass after each layer's, with `first_final`: the gradients of
+  // parameters [first_final, n_params()) are final (layers run backward from the last and lie
+  // in forward order). For overlapping the gradient exchange with the rest of the backward pass.
+  using GradientsFinalHook = std::function<void(size_t first_final)>;
+
   // Forward, loss and backward on one batch (1 <= batch <= max_batch); x is [batch x
   // input_size()]. Overwrites grads() with the gradient of the mean loss, which it returns.
-  float forward_backward(const float* x, const int32_t* labels, size_t batch);
+  float forward_backward(const float* x, const int32_t* labels, size_t batch,
+                         const GradientsFinalHook& on_final = {});
 
   // Forward only (0 <= batch <= max_batch): summed loss, correct predictions and count.
   EvalResult evaluate(const float* x, const int32_t* labels, size_t batch);
@@ -86,6 +92,7 @@ class Model {
 
   std::string label_;
   std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<size_t> layer_offsets_;  // where each layer's parameters begin
   SoftmaxCrossEntropy loss_;
   size_t max_batch_;
   std::vector<float> params_;      // the parameter buffer unless placed elsewhere

@@ -110,7 +110,9 @@ int run_cli(int argc, char** argv) {
       return kExitOk;
     }
     log::init(-1, cfg.log_level);
-    mpi.emplace(&argc, &argv);
+    // Serialized: plain sync's overlapped exchange calls MPI from its communication thread while
+    // the training thread computes (never both at once).
+    mpi.emplace(&argc, &argv, collectives::ThreadLevel::kSerialized);
     rank = mpi->rank();
     log::init(rank, cfg.log_level);
     if (cfg.mode == "async") {

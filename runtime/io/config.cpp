@@ -182,6 +182,14 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--segment-kib", cfg.segment_kib, "Ring all-reduce segment size in KiB")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
+  app.add_option("--overlap", cfg.overlap,
+                 "Plain sync on the CPU: all-reduce gradients in buckets during the backward "
+                 "pass: on, off, or auto (on when the ranks span several nodes)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "on", "off"}));
+  app.add_option("--bucket-kib", cfg.bucket_kib, "Smallest overlap bucket in KiB (whole layers)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{4}, size_t{1} << 22));
 
   app.add_option("--ring-timeout-ms", cfg.ring_timeout_ms,
                  "With backup workers or a timeout: an all-reduce or catch-up that stalls this "
@@ -285,14 +293,14 @@ std::string describe(const TrainConfig& c) {
       "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
       "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} early-catch-up={} "
-      "segment-kib={} "
+      "segment-kib={} overlap={} bucket-kib={} "
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
       c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
       c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.early_catch_up,
-      c.segment_kib,
+      c.segment_kib, c.overlap, c.bucket_kib,
       c.ring_timeout_ms, c.mode, c.ps, c.max_staleness, c.device, c.collective,
       c.checkpoint_dir.empty() ? "-" : c.checkpoint_dir, c.checkpoint_every, c.checkpoint_keep,
       c.resume, c.metrics.empty() ? "-" : c.metrics, c.metrics_every, c.log_level,

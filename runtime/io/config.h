@@ -55,6 +55,9 @@ struct TrainConfig {
   std::string device = "cpu";        // cpu | cuda
   std::string collective = "ring";   // ring | nccl (plain sync on cuda only)
   size_t segment_kib = 512;
+  // Plain sync: all-reduce in buckets during the backward pass (OverlapExchange).
+  std::string overlap = "auto";  // auto | on | off
+  size_t bucket_kib = 1024;
   int64_t ring_timeout_ms = 2000;  // with backup workers/timeout: give up on a frozen peer
   // Checkpoints and preemption.
   std::string checkpoint_dir;  // empty = no checkpoints

@@ -38,6 +38,10 @@ class Replica {
   // all-reduce may sum it in place.
   virtual float compute_gradients(const float* x, const int32_t* y, size_t n) = 0;
   virtual std::span<float> gradient_buffer() = 0;
+  // Has compute_gradients call `hook` during its backward pass as the gradients of
+  // [first_final, n_params()) become final (models::Model::GradientsFinalHook); an empty hook
+  // removes it. Returns false if this replica cannot (the CUDA replica computes asynchronously).
+  virtual bool set_gradients_final_hook(models::Model::GradientsFinalHook hook) = 0;
   // Moves the host gradient buffer into `storage` (>= n_params() floats, e.g. the all-reducer's
   // shared-memory window, so the node's ranks sum it without staging copies; it must not overlap
   // the state, InvalidArgument otherwise). Returns false if this replica keeps its own (the CUDA

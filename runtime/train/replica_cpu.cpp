@@ -36,9 +36,13 @@ class CpuReplica final : public Replica {
   size_t max_batch() const override { return model_->max_batch(); }
 
   float compute_gradients(const float* x, const int32_t* y, size_t n) override {
-    return model_->forward_backward(x, y, n);
+    return model_->forward_backward(x, y, n, on_final_);
   }
   std::span<float> gradient_buffer() override { return model_->grads(); }
+  bool set_gradients_final_hook(models::Model::GradientsFinalHook hook) override {
+    on_final_ = std::move(hook);
+    return true;
+  }
   bool place_gradients(std::span<float> storage) override {
     RESYNC_CHECK_ARG(!overlap(storage.first(std::min(storage.size(), n_params())),
                               optimizer_.state()),
@@ -95,6 +99,7 @@ class CpuReplica final : public Replica {
   std::unique_ptr<models::Model> model_;
   SgdOptimizer optimizer_;
   std::array<std::span<float>, 1 + SgdOptimizer::kBuffers> state_;  // host_state()
+  models::Model::GradientsFinalHook on_final_;
 };
 
 }  // namespace

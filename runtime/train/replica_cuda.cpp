@@ -123,6 +123,9 @@ class CudaReplica final : public Replica {
 
   std::span<float> gradient_buffer() override { return grads_host_->span(); }
   bool place_gradients(std::span<float> /*storage*/) override { return false; }
+  bool set_gradients_final_hook(models::Model::GradientsFinalHook /*hook*/) override {
+    return false;
+  }
   // The live state is device memory; peers get it through download_state() and host_state().
   StateLayout state_layout() const override {
     return {.n_params = n_params_, .n_optimizer_buffers = 1};  // SGD's velocity

@@ -151,7 +151,24 @@ GradientPlane make_gradient_plane(const TrainConfig& cfg, Replica& replica,
   const std::span<float> window = allreducer.shared_buffer();
   if (!plane.nccl) {
     if (window.size() >= layout.n_params) replica.place_gradients(layout.window_gradient(window));
-    plane.exchange = std::make_unique<AllreducerExchange>(allreducer, replica.gradient_buffer());
+    // Overlap needs every rank in every step (plain sync) and a backward pass on the host.
+    const bool spans_nodes = allreducer.node_size() < world;
+    const bool overlap = !straggler_mode && (cfg.overlap == "on" ||
+                                             (cfg.overlap == "auto" && spans_nodes));
+    if (overlap && replica.set_gradients_final_hook({})) {
+      auto exchange = std::make_unique<OverlapExchange>(
+          allreducer, replica.gradient_buffer(), world, cfg.bucket_kib * 1024 / sizeof(float));
+      plane.overlap = exchange.get();
+      replica.set_gradients_final_hook(
+          [o = plane.overlap](size_t first_final) { o->gradients_final(first_final); });
+      plane.exchange = std::move(exchange);
+    } else {
+      if (cfg.overlap == "on" && rank == 0) {
+        log::get("train")->warn("--overlap on: not with backup workers, a straggler timeout or "
+                                "a GPU; the step keeps its protocol");
+      }
+      plane.exchange = std::make_unique<AllreducerExchange>(allreducer, replica.gradient_buffer());
+    }
   }
   if (state_in_shm && allreducer.shm() != nullptr && window.size() >= layout.window_floats() &&
       replica.place_state(layout.window_state(window))) {

@@ -18,6 +18,7 @@
 #include "runtime/io/config.h"
 #include "runtime/train/preemption.h"
 #include "runtime/train/replica.h"
+#include "runtime/train/overlap_exchange.h"
 #include "runtime/train/step_executor.h"
 #include "runtime/train/train_common.h"
 
@@ -52,6 +53,8 @@ struct GradientPlane {
   // with --collective nccl, NCCL over the device gradient.
   std::unique_ptr<GradientExchange> exchange;
   bool nccl = false;
+  // Plain sync with --overlap: the exchange, which the replica's backward pass feeds.
+  OverlapExchange* overlap = nullptr;
   std::unique_ptr<collectives::ShmStateBoard> board;  // null: the state is not in the window
   // Per rank, the lowest rank of its node if its state is in shared memory, else -1.
   std::vector<int> shared_state_node;

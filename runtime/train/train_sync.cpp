@@ -84,7 +84,11 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   if (!resumed.path.empty()) replica.upload_state();
   const uint64_t start_step = resumed.step;
   PhaseRecorder allreduce_phases(*timeline, StepExecutor::kAttemptsPerStep);
-  if (timeline->enabled()) allreducer.set_phase_observer(&allreduce_phases);
+  // The phases are recorded by the thread that runs the all-reduce: not with overlap, whose
+  // communication thread must not write the training thread's timeline.
+  if (timeline->enabled() && plane.overlap == nullptr) {
+    allreducer.set_phase_observer(&allreduce_phases);
+  }
   ProgressReporter progress = make_progress_reporter(cfg, rank);
   std::unique_ptr<collectives::TcpControlServer> coordinator;
   if (rank == 0) {
@@ -147,7 +151,9 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     rec.epoch = s.sampler.epoch_of(step);
     const Clock::time_point t0 = Clock::now();
 
-    // Forward and backward on this rank's own mini-batch.
+    // Forward and backward on this rank's own mini-batch (with overlap, the last layers'
+    // gradients are already being all-reduced while the first ones compute).
+    if (plane.overlap) plane.overlap->begin_step(step * StepExecutor::kAttemptsPerStep);
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
     rec.loss = replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
     rec.compute_ms = ms_since(t0);
@@ -166,9 +172,12 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
       continue;
     }
     if (rank == 0 && step == start_step && !plane.nccl) {
-      log->info("step {}: all-reduce of {} floats over {} ranks took the {} path", step,
+      log->info("step {}: all-reduce of {} floats over {} ranks took the {} path{}", step,
                 layout.n_params, report.order->participants.size(),
-                collectives::path_name(allreducer.last_path()));
+                collectives::path_name(allreducer.last_path()),
+                plane.overlap ? fmt::format(", in {} buckets overlapped with the backward pass",
+                                            plane.overlap->last_buckets())
+                              : std::string());
     }
 
     // The step's record, on rank 0.
