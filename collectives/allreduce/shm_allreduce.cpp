@@ -42,6 +42,9 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   int node_rank = 0;
   int node_size = 0;
   RESYNC_CHECK_MPI(MPI_Comm_rank(node_comm_, &node_rank));
+  // Ranks sharing this machine's cores (fake nodes share them too): decides whether waits spin.
+  int machine_ranks = 0;
+  RESYNC_CHECK_MPI(MPI_Comm_size(node_comm_, &machine_ranks));
   if (options.fake_node_size > 0) {
     // A subcommunicator of a shared-memory one still allows MPI_Win_allocate_shared.
     MPI_Comm fake = MPI_COMM_NULL;
@@ -113,7 +116,8 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   RESYNC_CHECK_MPI(MPI_Barrier(node_comm_));
   RESYNC_CHECK_MPI(MPI_Win_sync(win_));
 
-  spin_ns_ = options.spin_ns >= 0 ? options.spin_ns : (node_size <= usable_cpus() ? 20'000 : 0);
+  spin_ns_ =
+      options.spin_ns >= 0 ? options.spin_ns : (machine_ranks <= usable_cpus() ? 20'000 : 0);
   locals_.resize(node_size);
   peer_set_.resize(node_size);
   peer_offset_.resize(node_size);
