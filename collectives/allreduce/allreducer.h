@@ -78,7 +78,16 @@ struct AllreducerOptions {
 // a function of (element count, participant list, options, whether the data lies in
 // shared_buffer()), so participants agree on it without talking. The shared-memory paths also
 // need each call of a rank to use a seq that differs from its two previous calls' (the step
-// does).
+// does); so does kHier, which keys its shared-memory phases by the call's seq.
+//
+// kHier (hier_allreduce.h has the details): with L_j participants on node j, S = min over the
+// nodes of the call of L_j slices; the participant at local position s < S owns slice s on its
+// node (extra ranks only contribute and receive). Sum order: each node's sum in local position
+// order, then the node sums in the cross-node exchange's order, computed once and copied, so
+// all participants on all nodes agree bit for bit. It does not reproduce one node's shm bits
+// (2 nodes x 2 ranks: (x0+x1)+(x2+x3); 4 ranks on one node: ((x_o+..)+..)+.. with the chunk's
+// owner first): matching them would send every raw operand across nodes. Single-node calls
+// keep the shm paths, so single-node results are unchanged.
 class Allreducer {
  public:
   explicit Allreducer(Context& ctx, AllreducerOptions options = {});
