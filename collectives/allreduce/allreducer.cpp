@@ -48,10 +48,9 @@ const char* path_name(AllreducePath path) {
 }
 
 std::optional<AllreducePath> path_from_name(const std::string& name) {
-  for (AllreducePath path :
-       {AllreducePath::kLocal, AllreducePath::kSmall, AllreducePath::kRing,
-        AllreducePath::kShmSmall, AllreducePath::kShm, AllreducePath::kShmDirect,
-        AllreducePath::kHier}) {
+  for (AllreducePath path : {AllreducePath::kLocal, AllreducePath::kSmall, AllreducePath::kRing,
+                             AllreducePath::kShmSmall, AllreducePath::kShm,
+                             AllreducePath::kShmDirect, AllreducePath::kHier}) {
     if (name == path_name(path)) return path;
   }
   return std::nullopt;

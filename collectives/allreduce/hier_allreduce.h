@@ -9,8 +9,9 @@
 // and each slice has one owner on every node: the participant at local position s < S (local
 // positions in sorted world-rank order) owns slice s. A node's extra participants (positions
 // >= S, with uneven counts such as 2+3) only contribute to the node sum and receive the
-// result. With S slices every owner carries 1/S of the buffer across, so every owner rank and
-// (with one NIC per rank pair) every link works; a 1+3 split has S = 1 and one carrier per node.
+// result. Every owner carries 1/S of the buffer across, over its own set of peers (the
+// slices' owner sets are disjoint), so S ranks per node work the network at once instead of
+// one leader; a 1+3 split has S = 1 and one carrier per node.
 //
 // Sum order. Element e of slice s: on each node, the node sum x_a + x_b + ... left to right in
 // local position order (one owner computes it); then, across nodes, those node sums in the
@@ -20,8 +21,9 @@
 // This is NOT the order of one node's shared-memory path: 4 ranks on one node sum
 // ((x_o + x_a) + x_b) + x_c (the chunk's owner first, then participant order), while 2 nodes x
 // 2 ranks sum (x0 + x1) + (x2 + x3). Float addition is not associative, so the bits differ in
-// the last place. Matching them would need every raw operand to cross the network (the node
-// sums are what make the path cheaper), so 2x2 and 4x1 agree to rounding only; the training
+// the last place. Matching them would need every raw operand to cross the network (L times
+// the cross-node bytes: the node sums are what make the path cheaper), so 2x2 and 4x1 agree
+// to rounding only, and a run's bits depend on how its ranks are placed on nodes; the training
 // checksums of single-node runs are untouched because those calls still take the shm path.
 #pragma once
 

@@ -48,8 +48,8 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   if (options.fake_node_size > 0) {
     // A subcommunicator of a shared-memory one still allows MPI_Win_allocate_shared.
     MPI_Comm fake = MPI_COMM_NULL;
-    RESYNC_CHECK_MPI(MPI_Comm_split(node_comm_, node_rank / options.fake_node_size, node_rank,
-                                    &fake));
+    RESYNC_CHECK_MPI(
+        MPI_Comm_split(node_comm_, node_rank / options.fake_node_size, node_rank, &fake));
     MPI_Comm_free(&node_comm_);
     node_comm_ = fake;
     RESYNC_CHECK_MPI(MPI_Comm_set_errhandler(node_comm_, MPI_ERRORS_RETURN));
@@ -116,8 +116,7 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   RESYNC_CHECK_MPI(MPI_Barrier(node_comm_));
   RESYNC_CHECK_MPI(MPI_Win_sync(win_));
 
-  spin_ns_ =
-      options.spin_ns >= 0 ? options.spin_ns : (machine_ranks <= usable_cpus() ? 20'000 : 0);
+  spin_ns_ = options.spin_ns >= 0 ? options.spin_ns : (machine_ranks <= usable_cpus() ? 20'000 : 0);
   locals_.resize(node_size);
   peer_set_.resize(node_size);
   peer_offset_.resize(node_size);

@@ -118,8 +118,8 @@ class ShmAllreduce {
   // each owner calls `exchange` on its slice; then owners stage their slices and everyone
   // copies them. A non-owner waits for the owners throughout, and an owner that fails in
   // `exchange` abandons the call, so a missing rank on another node fails the whole node.
-  void allreduce_hier(std::span<float> data, std::span<const int> node_participants,
-                      uint64_t seq, int n_slices, SliceExchange& exchange);
+  void allreduce_hier(std::span<float> data, std::span<const int> node_participants, uint64_t seq,
+                      int n_slices, SliceExchange& exchange);
 
  private:
   struct Segment {

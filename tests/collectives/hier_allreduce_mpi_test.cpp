@@ -85,8 +85,8 @@ AllreducePath expected_path(std::span<const int> subset, int k) {
   if (subset.size() <= 1) return AllreducePath::kLocal;
   std::vector<int> per_node(world_size(), 0);
   for (int r : subset) ++per_node[k > 0 ? r / k : 0];
-  const int nodes = static_cast<int>(std::count_if(per_node.begin(), per_node.end(),
-                                                   [](int c) { return c > 0; }));
+  const int nodes = static_cast<int>(
+      std::count_if(per_node.begin(), per_node.end(), [](int c) { return c > 0; }));
   const int max_local = *std::max_element(per_node.begin(), per_node.end());
   if (nodes == 1) return AllreducePath::kShm;  // the sizes below are all above shm-small
   return max_local >= 2 ? AllreducePath::kHier : AllreducePath::kRing;
@@ -118,8 +118,8 @@ TEST_P(HierTest, AwkwardCountsOverAllRanks) {
   const std::vector<int> everyone = range(0, world_size());
   const size_t p = world_size();
   uint64_t seq = 100;
-  for (size_t n : {size_t{0}, size_t{1}, size_t{7}, p + 1, size_t{4099}, size_t{65537},
-                   size_t{1000003}}) {
+  for (size_t n :
+       {size_t{0}, size_t{1}, size_t{7}, p + 1, size_t{4099}, size_t{65537}, size_t{1000003}}) {
     std::vector<float> data(n);
     fill_input(data, world_rank(), seq);
     allreducer.allreduce_sum(data, everyone, seq);
@@ -145,7 +145,8 @@ TEST_P(HierTest, ParticipantSubsetsSpreadOverNodes) {
   const int me = world_rank();
   std::vector<std::vector<int>> subsets = {range(0, n), range(1, n), {0, n - 1}};
   subsets.push_back(range(0, std::min(n, k() + 1)));  // first node + one rank of the next
-  if (n > 2 * k()) {  // the middle node contributes nothing
+  // The middle node contributes nothing.
+  if (n > 2 * k()) {
     std::vector<int> s = range(0, k());
     for (int r = 2 * k(); r < n; ++r) s.push_back(r);
     subsets.push_back(s);
