@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 
 #include "base/error.h"
@@ -40,14 +41,16 @@ const char* path_name(AllreducePath path) {
       return "shm";
     case AllreducePath::kShmDirect:
       return "shm-direct";
+    case AllreducePath::kHier:
+      return "hier";
   }
   return "?";
 }
 
 std::optional<AllreducePath> path_from_name(const std::string& name) {
-  for (AllreducePath path :
-       {AllreducePath::kLocal, AllreducePath::kSmall, AllreducePath::kRing,
-        AllreducePath::kShmSmall, AllreducePath::kShm, AllreducePath::kShmDirect}) {
+  for (AllreducePath path : {AllreducePath::kLocal, AllreducePath::kSmall, AllreducePath::kRing,
+                             AllreducePath::kShmSmall, AllreducePath::kShm,
+                             AllreducePath::kShmDirect, AllreducePath::kHier}) {
     if (name == path_name(path)) return path;
   }
   return std::nullopt;
@@ -64,9 +67,21 @@ Allreducer::Allreducer(Context& ctx, AllreducerOptions options)
             }()),
       small_(ctx, std::min(options.max_elems,
                            options.small_max_bytes.value_or(kSmallMaxBytes) / sizeof(float))) {
-  if (options.use_shm == ShmUse::kAuto) {
+  if (options_.shm.fake_node_size == 0) {
+    const char* env = std::getenv("RESYNC_FAKE_NODE_SIZE");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      RESYNC_CHECK_ARG(*end == '\0' && v >= 0 && v < (1 << 20),
+                       fmt::format("RESYNC_FAKE_NODE_SIZE={}: not a rank count", env));
+      options_.shm.fake_node_size = static_cast<int>(v);
+    }
+  }
+  if (options_.use_shm == ShmUse::kAuto) {
     if (auto* mpi = dynamic_cast<MpiTransport*>(&ctx.transport())) {
-      shm_ = std::make_unique<ShmAllreduce>(ctx, mpi->comm(), options.shm);
+      shm_ = std::make_unique<ShmAllreduce>(ctx, mpi->comm(), options_.shm);
+      hier_ = std::make_unique<HierAllreduce>(ctx, *shm_, ring_, small_,
+                                              small_max_bytes(AllreducePath::kSmall, 2));
     }
   }
   world_.resize(ctx.size());
@@ -102,6 +117,9 @@ AllreducePath Allreducer::path_for(std::span<const float> data,
     if (n_bytes <= small_max_bytes(AllreducePath::kShmSmall, p)) return AllreducePath::kShmSmall;
     return shm_->in_shared_buffer(data) ? AllreducePath::kShmDirect : AllreducePath::kShm;
   }
+  // Across nodes: worth it once some node has two participants to sum before crossing (with
+  // one per node the hierarchical path is the flat exchange plus overhead).
+  if (hier_ && hier_->plan(participants).max_local >= 2) return AllreducePath::kHier;
   if (p <= kSmallMaxRanks && n_bytes <= small_max_bytes(AllreducePath::kSmall, p)) {
     return AllreducePath::kSmall;
   }
@@ -122,6 +140,8 @@ void Allreducer::allreduce_sum(std::span<float> data, std::span<const int> parti
                    fmt::format("all-reduce seq {}: path {} needs every participant on this "
                                "node's shared memory",
                                seq, path_name(path)));
+  RESYNC_CHECK_ARG(path != AllreducePath::kHier || hier_,
+                   fmt::format("all-reduce seq {}: path hier needs shared memory", seq));
   last_path_ = path;
   // The ring reports its own phases; the other exchanges are one phase each.
   const bool whole = path != AllreducePath::kLocal && path != AllreducePath::kRing;
@@ -145,6 +165,9 @@ void Allreducer::allreduce_sum(std::span<float> data, std::span<const int> parti
     case AllreducePath::kShmDirect:
       shm_->allreduce_direct(data, participants, seq);
       return;
+    case AllreducePath::kHier:
+      hier_->allreduce_sum(data, participants, seq);
+      return;
   }
 }
 
@@ -152,9 +175,13 @@ std::string Allreducer::describe() const {
   std::string shm = "off";
   if (shm_) {
     shm = fmt::format(
-        "{} ranks on this node, {} KiB blocks, shm-small up to {} B ({} B for "
-        "two ranks), shared buffer {} floats, waits {}",
-        node_size(), shm_->block_bytes() / 1024, small_max_bytes(AllreducePath::kShmSmall, 3),
+        "{} ranks on this node{}, {} KiB blocks, shm-small up to {} B ({} B for "
+        "two ranks), shared buffer {} floats, waits {}; hier across nodes",
+        node_size(),
+        options_.shm.fake_node_size > 0
+            ? fmt::format(" (fake nodes of {} ranks)", options_.shm.fake_node_size)
+            : "",
+        shm_->block_bytes() / 1024, small_max_bytes(AllreducePath::kShmSmall, 3),
         small_max_bytes(AllreducePath::kShmSmall, 2), shm_->shared_buffer().size(),
         shm_->spins() ? "spin then yield" : "yield at once");
   }

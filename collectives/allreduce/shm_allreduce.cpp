@@ -42,6 +42,19 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   int node_rank = 0;
   int node_size = 0;
   RESYNC_CHECK_MPI(MPI_Comm_rank(node_comm_, &node_rank));
+  // Ranks sharing this machine's cores (fake nodes share them too): decides whether waits spin.
+  int machine_ranks = 0;
+  RESYNC_CHECK_MPI(MPI_Comm_size(node_comm_, &machine_ranks));
+  if (options.fake_node_size > 0) {
+    // A subcommunicator of a shared-memory one still allows MPI_Win_allocate_shared.
+    MPI_Comm fake = MPI_COMM_NULL;
+    RESYNC_CHECK_MPI(
+        MPI_Comm_split(node_comm_, node_rank / options.fake_node_size, node_rank, &fake));
+    MPI_Comm_free(&node_comm_);
+    node_comm_ = fake;
+    RESYNC_CHECK_MPI(MPI_Comm_set_errhandler(node_comm_, MPI_ERRORS_RETURN));
+    RESYNC_CHECK_MPI(MPI_Comm_rank(node_comm_, &node_rank));
+  }
   RESYNC_CHECK_MPI(MPI_Comm_size(node_comm_, &node_size));
   int leader = comm_rank;
   RESYNC_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node_comm_));
@@ -50,7 +63,9 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   RESYNC_CHECK_MPI(MPI_Allgather(mine, 2, MPI_INT, placement.data(), 2, MPI_INT, comm));
   local_of_.assign(comm_size, -1);
   world_of_.assign(node_size, -1);
+  node_of_.resize(comm_size);
   for (int r = 0; r < comm_size; ++r) {
+    node_of_[r] = placement[2 * r];
     if (placement[2 * r] != leader) continue;
     local_of_[r] = placement[2 * r + 1];
     world_of_[placement[2 * r + 1]] = r;
@@ -101,7 +116,7 @@ ShmAllreduce::ShmAllreduce(Context& ctx, MPI_Comm comm, ShmOptions options)
   RESYNC_CHECK_MPI(MPI_Barrier(node_comm_));
   RESYNC_CHECK_MPI(MPI_Win_sync(win_));
 
-  spin_ns_ = options.spin_ns >= 0 ? options.spin_ns : (node_size <= usable_cpus() ? 20'000 : 0);
+  spin_ns_ = options.spin_ns >= 0 ? options.spin_ns : (machine_ranks <= usable_cpus() ? 20'000 : 0);
   locals_.resize(node_size);
   peer_set_.resize(node_size);
   peer_offset_.resize(node_size);

@@ -32,6 +32,10 @@ struct ShmOptions {
   // Fault injection for tests: after publishing this many progress events of a call the rank
   // returns from it without finishing, as if it had died there (0: never).
   uint64_t vanish_after_events = 0;
+  // Tests and benchmarks on one machine: > 0 splits each real node into fake nodes of this
+  // many ranks (by node-local rank), each with a window of its own, so that calls spanning
+  // them take the cross-node (hierarchical) path. 0: nodes as MPI sees them.
+  int fake_node_size = 0;
 };
 
 // One instance per rank, created together by all ranks of `comm` at start-up; reuse it every
@@ -60,6 +64,8 @@ class ShmAllreduce {
 
   // True if every participant shares this rank's node.
   bool covers(std::span<const int> participants) const;
+  // The node of every context rank, named by its lowest context rank (fake nodes included).
+  std::span<const int> node_of() const { return node_of_; }
   int node_size() const { return static_cast<int>(segments_.size()); }
   int node_rank() const { return local_of_[ctx_.rank()]; }
   size_t block_bytes() const { return block_elems_ * sizeof(float); }
@@ -96,6 +102,25 @@ class ShmAllreduce {
   // finished reading this rank's buffer (so the caller may overwrite it).
   void allreduce_direct(std::span<float> data, std::span<const int> participants, uint64_t seq);
 
+  // The cross-node step of allreduce_hier: sums `slice` (this node's sum of it) with the
+  // other nodes' owners of the same slice, in place, bit-identically on all of them.
+  class SliceExchange {
+   public:
+    virtual void exchange_slice(std::span<float> slice, uint64_t seq) = 0;
+
+   protected:
+    ~SliceExchange() = default;
+  };
+  // The node's part of a hierarchical all-reduce (hier_allreduce.h has the slicing and sum
+  // order): `node_participants` are the call's participants on this node, the first
+  // `n_slices` of them own one HierSlices slice each. Block by block, every participant
+  // stages its pieces and each owner sums its slice in place (local position order); then
+  // each owner calls `exchange` on its slice; then owners stage their slices and everyone
+  // copies them. A non-owner waits for the owners throughout, and an owner that fails in
+  // `exchange` abandons the call, so a missing rank on another node fails the whole node.
+  void allreduce_hier(std::span<float> data, std::span<const int> node_participants, uint64_t seq,
+                      int n_slices, SliceExchange& exchange);
+
  private:
   struct Segment {
     uint64_t* words;  // per set, on its own cache line: progress, count, kind, offset
@@ -103,7 +128,7 @@ class ShmAllreduce {
     float* direct;    // [direct_elems_]
   };
   // Which algorithm a call runs; published with it, so that mismatches fail loudly.
-  enum class Kind : uint64_t { kSmall = 1, kBlocked = 2, kDirect = 3 };
+  enum class Kind : uint64_t { kSmall = 1, kBlocked = 2, kDirect = 3, kHier = 4 };
   class Call;
   struct Block;
 
@@ -120,6 +145,7 @@ class ShmAllreduce {
   MPI_Win win_ = MPI_WIN_NULL;
   std::vector<int> local_of_;      // context rank -> node-local rank, -1 if on another node
   std::vector<int> world_of_;      // node-local rank -> context rank
+  std::vector<int> node_of_;       // context rank -> its node's lowest context rank
   std::vector<Segment> segments_;  // by node-local rank
   // Per set: seq tag of the last call that used it and that call's other participants (local
   // ranks), who may still read it.

@@ -74,6 +74,8 @@ inline const char* kind_name(uint64_t kind) {
       return "blocked";
     case 3:
       return "direct (shared buffer)";
+    case 4:
+      return "hierarchical";
   }
   return "?";
 }

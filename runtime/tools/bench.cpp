@@ -241,7 +241,13 @@ int bench_main(int argc, char** argv) {
                         "Ranks taking part: N (ranks 0..N-1) or a list like 0,2,3 (default all); "
                         "the MPI_Allreduce peer runs on a communicator of the same ranks");
   allreduce->add_option("--path", ar.path, "Force resync's path (default auto)")
-      ->check(CLI::IsMember({"auto", "ring", "small", "shm", "shm-small", "shm-direct"}))
+      ->check(CLI::IsMember({"auto", "ring", "small", "shm", "shm-small", "shm-direct", "hier"}))
+      ->capture_default_str();
+  allreduce
+      ->add_option("--fake-node-size", ar.fake_node_size,
+                   "Treat every this many ranks of a node as a node of their own, so that the "
+                   "cross-node (hier) path runs on one machine (0: real nodes)")
+      ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
   allreduce
       ->add_option("--buffer", ar.buffer,

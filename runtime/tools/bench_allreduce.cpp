@@ -168,6 +168,7 @@ int run_allreduce_bench(const AllreduceBenchConfig& cfg) {
   if (cfg.block_kib > 0) options.shm.block_bytes = cfg.block_kib * 1024;
   if (cfg.direct_block_kib > 0) options.shm.direct_block_bytes = cfg.direct_block_kib * 1024;
   options.force = forced;
+  options.shm.fake_node_size = cfg.fake_node_size;
   std::vector<size_t> sizes;
   for (size_t b = cfg.min_bytes; b <= cfg.max_bytes; b *= cfg.step_factor) {
     sizes.push_back(b);

@@ -25,6 +25,9 @@ struct AllreduceBenchConfig {
   // "shared" (the Allreducer's shared buffer, summed without staging copies: where the training
   // loop keeps its gradients on a node).
   std::string buffer = "user";
+  // > 0: split each node into fake nodes of this many ranks (ShmOptions::fake_node_size), so
+  // that the cross-node (hierarchical) path runs on one machine.
+  int fake_node_size = 0;
   bool check = false;
   int check_iters = 2;
   std::string json;
