@@ -28,16 +28,15 @@ TMP = tempfile.mkdtemp(prefix="resync_cluster_")
 SKIP = 77
 EXIT_UNSUPPORTED = 3  # scripts/vcluster: a cluster cannot be built on this machine
 
-# Whether a 2 x 2 cluster (the flat point-to-point ring over all four ranks) and 4 ranks on one
-# node (the shared-memory all-reduce) sum the gradients in the same order, so that both end
-# with the same bits. Today they do not: the ring reduces chunk c starting at its owner c and
-# going round, ((g_c + g_c+1) + g_c+2) + g_c+3 (indices mod 4), a different order per chunk,
-# while the shared-memory paths sum every element in participant order ((g0 + g1) + g2) + g3.
-# Float addition is not associative, so the parameters differ in the last bits after the first
-# step (the accuracy does not). With two ranks both orders are one commutative addition, so
-# 2 x 1 and 1 x 2 are bit-identical, and the test asserts that. Set this to True once the
-# cross-node path sums in participant order (e.g. a hierarchical all-reduce that keeps it);
-# scenario_checksum_topologies then asserts that 2 x 2 and 1 x 4 are equal too.
+# Whether a 2 x 2 cluster and 4 ranks on one node sum the gradients in the same order, so that
+# both end with the same bits. They do not: across nodes the hierarchical all-reduce sums each
+# node first and then the node sums, (g0 + g1) + (g2 + g3), while one node's shared-memory path
+# sums each chunk with its owner's gradient first, ((g_c + ...) + ...) + .... Keeping one order
+# would mean sending every rank's raw gradient across the network, which is what summing inside
+# the node first saves (collectives/allreduce/hier_allreduce.h). Float addition is not
+# associative, so the parameters differ in the last bits (the accuracy does not). With two
+# ranks both orders are one commutative addition, so 2 x 1 and 1 x 2 are bit-identical, and the
+# test asserts that; every topology is deterministic run to run, and replicas always agree.
 TOPOLOGIES_SUM_IN_SAME_ORDER = False
 
 
@@ -142,8 +141,8 @@ def scenario_hostnames():
         fail(f"ranks report {seen}, expected {want}")
     _, log = train("n1:2,n2:2", PLAIN + ["--steps", "5"], "split")
     expect_node_split(log, "n1:2,n2:2", "2x2")
-    if "took the ring path" not in log:
-        fail(f"a 2 x 2 all-reduce did not take the point-to-point ring:\n{log[-2000:]}")
+    if "took the hier path" not in log:
+        fail(f"a 2 x 2 all-reduce did not take the hierarchical path:\n{log[-2000:]}")
 
 
 def scenario_checksum_topologies():
@@ -163,9 +162,9 @@ def scenario_checksum_topologies():
              f"each element in one addition")
     print(f"2 x 1 and 1 x 2: checksum {pair[0]} on both")
     two_nodes, one_node = runs["n1:2,n2:2"], runs["n1:4"]
-    # The step-0 line names the path: the flat ring across nodes, shared memory on one node.
-    if "took the ring path" not in two_nodes[0][2]:
-        fail(f"2 x 2 did not take the ring path:\n{two_nodes[0][2][-2000:]}")
+    # The step-0 line names the path: hierarchical across nodes, shared memory on one node.
+    if "took the hier path" not in two_nodes[0][2]:
+        fail(f"2 x 2 did not take the hierarchical path:\n{two_nodes[0][2][-2000:]}")
     if not re.search(r"took the shm(-direct|-small)? path", one_node[0][2]):
         fail(f"1 x 4 did not take a shared-memory path:\n{one_node[0][2][-2000:]}")
     for hosts, rs in runs.items():
