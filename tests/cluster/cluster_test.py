@@ -190,6 +190,40 @@ def scenario_checksum_topologies():
         print("2 x 2 and 1 x 4 now end with the same bits: set TOPOLOGIES_SUM_IN_SAME_ORDER")
 
 
+def scenario_hier_check():
+    """The hierarchical all-reduce across real (virtual) nodes, checked element by element by
+    `resync bench allreduce --check` next to MPI_Allreduce: odd counts from 1 float to 1 MiB,
+    over every rank and over participant subsets spread unevenly over the nodes."""
+    up(2, 3)
+    bench = ["bench", "allreduce", "--check", "-b", "4", "-e", "1M", "-f", "16",
+             "--extra-elems", "1", "--warmup", "1", "--iters", "2", "--blocks", "1",
+             "--check-iters", "2"]
+    # (participants, whether some node holds two or more of them: then the path is hier). The
+    # bench prints rank 0's choice, so the one-node subset lies on rank 0's node.
+    for participants, hier in [(None, True), ("0,1,3", True), ("1,2,4,5", True),
+                               ("0,3,4,5", True), ("2,5", False), ("1,2", False)]:
+        args = bench + (["--participants", participants] if participants else [])
+        cmd = mpirun("n1:3,n2:3", args)
+        try:
+            p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=100)
+        except subprocess.TimeoutExpired:
+            fail(f"bench allreduce over {participants or 'all ranks'} did not finish in 100 s")
+        tag = participants or "all ranks"
+        if p.returncode != 0:
+            fail(f"bench allreduce --check over {tag} exited {p.returncode}:\n"
+                 f"{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        rows = [line for line in p.stdout.splitlines() if line.strip() and
+                not line.lstrip().startswith("#")]
+        took_hier = any(" hier " in row for row in rows)
+        if hier and not took_hier:
+            fail(f"over {tag} (spread over the nodes) no row took the hier path:\n"
+                 f"{p.stdout[-2000:]}")
+        if not hier and took_hier:
+            fail(f"over {tag} (at most one rank per node, or one node) a row took hier:\n"
+                 f"{p.stdout[-2000:]}")
+        print(f"{tag}: checked, {'hier' if hier else 'no hier'}")
+
+
 def scenario_odd_shapes():
     shapes = [(3, 1, "n1:1,n2:1,n3:1"), (2, 3, "n1:3,n2:3"), (2, 3, "n1:1,n2:3")]
     for nodes, slots, hosts in shapes:
