@@ -498,7 +498,8 @@ void Coordinator::catch_up_early(Decisions& out) {
     superseded_[r] = false;
     const bool velocity_only =
         !shared && late_holds_[r] != kNoStep && late_holds_[r] + 1 == open_step_;
-    out.early.push_back({open_step_, late_rank, donor, velocity_only, shared});
+    const bool stop = last_round_ && last_round_->stop;
+    out.early.push_back({open_step_, late_rank, donor, velocity_only, shared, stop});
   }
   late_ = std::move(still_late);
 }

@@ -71,6 +71,9 @@ struct EarlyCatchUp {
   // `shared`, which copies the whole state at memory speed.
   bool velocity_only = false;
   bool shared = false;
+  // The round before `step` carried `stop`: the others end after it, so the late rank takes the
+  // state of `step` and finishes too, instead of computing `step` alone.
+  bool stop = false;
   bool operator==(const EarlyCatchUp&) const = default;
 };
 

@@ -64,6 +64,7 @@ std::vector<std::pair<int, StepOrder>> orders_for(const EarlyCatchUp& early) {
   catch_up.velocity_only = early.velocity_only;
   catch_up.shared = early.shared;
   catch_up.donor = early.donor_rank;
+  catch_up.stop = early.stop;
   catch_up.catchups = {{early.late_rank, early.donor_rank, early.shared}};
   if (early.shared) return {{early.late_rank, std::move(catch_up)}};
   StepOrder serve = catch_up;

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -282,15 +283,42 @@ def victim_pid(metrics, rank, job):
     return pid
 
 
+def drain(job):
+    """Collects the job's stderr on a thread, so a long debug log never fills the pipe and
+    stalls mpirun; returns a function giving what was read so far."""
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(job.stderr.readline, "")),
+                              daemon=True)
+    reader.start()
+
+    def text(wait=False):
+        if wait:
+            reader.join(timeout=30)
+        return "".join(chunks)
+    return text
+
+
+def steps_with(metrics, rank, after):
+    """Step records after step `after` in which `rank` took part."""
+    try:
+        rows = [json.loads(l) for l in open(metrics) if l.strip()]
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if r.get("event") == "step" and r["step"] > after and
+            rank in r["participants"]]
+
+
 def scenario_sigstop_backup_worker():
     """Rank 2 on node n2 frozen for 3 s with one backup worker: the others keep closing steps,
     it catches up after SIGCONT from its node peer (rank 3) out of shared memory, replicas
-    agree."""
+    agree. The run is open-ended and ends by SIGUSR1 once rank 2 is back, so a fast machine
+    cannot finish training while it is frozen."""
     up(2, 2)
     victim, peer, stop_s = 2, 3, 3.0
     metrics = os.path.join(TMP, "sigstop.jsonl")
     job = start_long_run(metrics, ["--backup-workers", "1", "--ring-timeout-ms", "500",
-                                   "--log-level", "debug"], 1500)
+                                   "--log-level", "debug"], 10**7)
+    log_so_far = drain(job)
     wait_for(lambda: last_step(metrics) >= 100, 40, "step 100", job, fail)
     pid = victim_pid(metrics, victim, job)
     os.kill(pid, signal.SIGSTOP)
@@ -303,10 +331,15 @@ def scenario_sigstop_backup_worker():
     if during < stopped_at + 20:
         fail(f"the other ranks made only {during - stopped_at} steps while rank {victim} was "
              f"stopped", job)
+    # Back in the steps, then a while longer (more catch-ups), then a stop at a step boundary.
+    wait_for(lambda: len(steps_with(metrics, victim, during)) >= 50, 60,
+             f"rank {victim} in 50 steps after SIGCONT", job, fail)
+    os.kill(rank_pid(metrics, 0), signal.SIGUSR1)
     try:
-        _, log = job.communicate(timeout=60)
+        job.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        fail("the job did not finish within 60 s after SIGCONT", job)
+        fail("the job did not stop within 60 s of SIGUSR1", job)
+    log = log_so_far(wait=True)
     if job.returncode != 0:
         fail(f"job exited {job.returncode}:\n{log[-3000:]}")
     rows = [json.loads(l) for l in open(metrics)]

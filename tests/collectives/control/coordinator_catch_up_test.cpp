@@ -191,6 +191,41 @@ TEST(CoordinatorSharedCatchUp, LateRankCopiesAtOnceFromARankStillComputing) {
   EXPECT_EQ(r.participants, (std::vector<int>{1, 2, 3}));
 }
 
+// A stop (SIGTERM/SIGUSR1) carried by the close of step 0 ends every participant after it; a
+// rank late for step 0 and caught up early to the state of step 1 must end there too, not
+// compute step 1 alone (the others' FINISH(1) against its READY(1) once aborted the job).
+TEST(CoordinatorSharedCatchUp, AnEarlyCatchUpAfterAStoppingRoundCarriesTheStop) {
+  Coordinator c(shared_config({0, 0, 0, 0}, 1, true), kT0);
+  EXPECT_TRUE(c.stop_requested(0, at_ms(0)).empty());
+  EXPECT_TRUE(only_close(all_ready(c, {0, 1, 2}, 0, at_ms(1))).stop);
+  Decisions d = c.ready(3, 0, at_ms(5));
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_TRUE(d.early[0].stop);
+  const auto orders = orders_for(d.early[0]);
+  ASSERT_EQ(orders.size(), 1u);
+  EXPECT_TRUE(orders[0].second.stop) << "the late rank's order must say stop";
+  // Everyone, the late rank included, finishes after step 1's state: the final round closes.
+  for (int rank : {0, 1, 2}) EXPECT_TRUE(c.finish(rank, 1, at_ms(6)).closed.empty());
+  Decisions last = c.finish(3, 1, at_ms(7));
+  EXPECT_FALSE(last.abort) << last.abort.value_or("");
+  ASSERT_EQ(last.closed.size(), 1u);
+  EXPECT_TRUE(last.closed[0].final_round);
+}
+
+// Without a stop on the round before, an early catch-up leaves the late rank computing the
+// open step with everyone (the stop, if requested meanwhile, comes with that step's close).
+TEST(CoordinatorSharedCatchUp, AStopRequestedDuringTheOpenStepComesWithItsClose) {
+  Coordinator c(shared_config({0, 0, 0, 0}, 1, true), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(1)));
+  EXPECT_TRUE(c.stop_requested(0, at_ms(2)).empty());
+  Decisions d = c.ready(3, 0, at_ms(5));
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_FALSE(d.early[0].stop);
+  EXPECT_TRUE(c.ready(1, 1, at_ms(9)).empty());
+  EXPECT_TRUE(c.ready(2, 1, at_ms(10)).empty());
+  EXPECT_TRUE(only_close(c.ready(3, 1, at_ms(12))).stop);
+}
+
 TEST(CoordinatorSharedCatchUp, DonorsArePickedOnTheLateRanksNode) {
   // Two nodes: {0, 1} and {2, 3}. Catch-ups at the close (early catch-up off).
   Coordinator c(shared_config({0, 0, 1, 1}, 2, false), kT0);
