@@ -77,6 +77,9 @@ Coordinator::Coordinator(const CoordinatorConfig& config, CoordTime now) : confi
   open_step_ = config_.first_step;
   busy_step_.assign(w, kNoStep);
   early_step_.assign(w, kNoStep);
+  early_donor_.assign(w, -1);
+  failed_donor_.assign(w, -1);
+  failed_donor_step_.assign(w, kNoStep);
   late_holds_.assign(w, kNoStep);
   superseded_.assign(w, false);
   ready_.reserve(w);
@@ -230,8 +233,11 @@ Decisions Coordinator::failed(int rank, uint64_t step, CoordTime now) {
   busy_step_[r] = kNoStep;
   if (state_[r] == RankState::kLate) return out;  // already queued for a catch-up
   if (state_[r] == RankState::kWorking && early_step_[r] == step && next_step_[r] == step) {
-    // Its early catch-up failed (the donor gave up on it, or the state arrived torn).
+    // Its early catch-up failed (the donor gave up on it, is frozen, or the state arrived
+    // torn): try another donor for this step.
     early_step_[r] = kNoStep;
+    failed_donor_[r] = early_donor_[r];
+    failed_donor_step_[r] = step;
     make_late(rank);
     maybe_close(out);
     catch_up_early(out);
@@ -479,14 +485,16 @@ void Coordinator::catch_up_early(Decisions& out) {
   if (!config_.shared_state_node.empty()) holders_of_open_step(holders);
   std::vector<int> still_late;
   for (int late_rank : late_) {
+    const auto lr = static_cast<size_t>(late_rank);
+    const int avoid = failed_donor_step_[lr] == open_step_ ? failed_donor_[lr] : -1;
     bool shared = false;
     int donor = -1;
     if (!config_.shared_state_node.empty()) {
-      donor = pick_donor(holders, late_rank, &shared);
+      donor = pick_donor(holders, late_rank, &shared, avoid);
       if (!shared) donor = -1;
     }
     // Otherwise only a rank waiting for its order can send its state now.
-    if (donor < 0) donor = pick_donor(ready_, late_rank, &shared);
+    if (donor < 0) donor = pick_donor(ready_, late_rank, &shared, avoid);
     if (donor < 0) {
       still_late.push_back(late_rank);
       continue;
@@ -495,6 +503,10 @@ void Coordinator::catch_up_early(Decisions& out) {
     state_[r] = RankState::kWorking;
     next_step_[r] = open_step_;
     early_step_[r] = open_step_;
+    // A failed shared copy is the donor's doing (frozen, or already past the step): do not ask
+    // it again. A failed transfer is usually the late rank's (it froze again): the same
+    // waiting donor may serve again.
+    early_donor_[r] = shared ? donor : -1;
     superseded_[r] = false;
     const bool velocity_only =
         !shared && late_holds_[r] != kNoStep && late_holds_[r] + 1 == open_step_;
@@ -520,7 +532,8 @@ void Coordinator::holders_of_open_step(std::vector<int>& out) const {
   }
 }
 
-int Coordinator::pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared) {
+int Coordinator::pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared,
+                            int avoid) {
   *shared = false;
   const size_t n = candidates.size();
   if (n == 0) return -1;
@@ -528,7 +541,7 @@ int Coordinator::pick_donor(const std::vector<int>& candidates, int late_rank, b
   int fallback = -1;
   for (size_t k = 0; k < n; ++k) {
     const int donor = candidates[(start + k) % n];
-    if (donor == late_rank) continue;
+    if (donor == late_rank || donor == avoid) continue;
     if (config_.share_state(donor, late_rank)) {
       *shared = true;
       return donor;

@@ -180,7 +180,9 @@ class Coordinator {
   void catch_up_early(Decisions& out);
   // A donor for `late_rank` among `candidates` (round-robin): one sharing its node if any
   // (*shared = true), else any other; -1 if there is none.
-  int pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared);
+  // Skips `avoid` (a donor that already failed this late rank for the open step).
+  int pick_donor(const std::vector<int>& candidates, int late_rank, bool* shared,
+                 int avoid = -1);
   // Ranks that hold the open step's state or will once their update of the last round is done
   // (for shared early catch-ups): READY(open step) first, then the last round's members.
   void holders_of_open_step(std::vector<int>& out) const;
@@ -215,6 +217,11 @@ class Coordinator {
   std::vector<int> late_;            // late ranks waiting for a close, in arrival order
   std::vector<uint64_t> busy_step_;  // step of the rank's last BUSY (kNoStep: none pending)
   std::vector<uint64_t> early_step_;  // step of the rank's pending early catch-up, or kNoStep
+  std::vector<int> early_donor_;      // the donor of that early catch-up if shared, else -1
+  // A node peer whose shared copy for this rank failed at step failed_donor_step_ (it may be
+  // frozen): not asked again for that step, so the rank is not sent to it over and over.
+  std::vector<int> failed_donor_;
+  std::vector<uint64_t> failed_donor_step_;
   std::vector<uint64_t> late_holds_;  // a late rank's exact state (make_late), or kNoStep
   // Members of an abandoned attempt that were left out of its re-close: whatever state they
   // report next is from that attempt, so they are caught up instead of taking part.

@@ -329,8 +329,11 @@ def scenario_sigstop_backup_worker():
     print(f"rank {victim} (pid {pid}, node n2) stopped at step {stopped_at}; "
           f"{stop_s} s later step {during}")
     if during < stopped_at + 20:
+        os.kill(pid, signal.SIGKILL)  # ends the job: its log is then complete
+        job.wait(timeout=30)
+        open(os.path.join(TMP, "sigstop.log"), "w").write(log_so_far(wait=True))
         fail(f"the other ranks made only {during - stopped_at} steps while rank {victim} was "
-             f"stopped", job)
+             f"stopped (log: {TMP}/sigstop.log)", job)
     # Back in the steps, then a while longer (more catch-ups), then a stop at a step boundary.
     wait_for(lambda: len(steps_with(metrics, victim, during)) >= 50, 60,
              f"rank {victim} in 50 steps after SIGCONT", job, fail)

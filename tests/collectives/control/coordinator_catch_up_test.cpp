@@ -275,6 +275,30 @@ TEST(CoordinatorSharedCatchUp, FailedSharedCopyIsRetriedWithTheFullState) {
   EXPECT_EQ(d.early[0].late_rank, 2);
 }
 
+// A node peer frozen right after its update (SIGSTOP) never publishes the state a late rank
+// waits to copy: the coordinator must not send the late rank to it again for that step, but to
+// another holder, here a rank of the other node by MPI (once one waits for its order).
+TEST(CoordinatorSharedCatchUp, ADonorThatFailedIsNotAskedAgainForTheStep) {
+  Coordinator c(shared_config({0, 0, 1, 1}, 1, true), kT0);
+  only_close(all_ready(c, {0, 1, 2}, 0, at_ms(0)));
+  Decisions d = c.ready(3, 0, at_ms(1));
+  ASSERT_EQ(d.early.size(), 1u);
+  ASSERT_EQ(d.early[0].donor_rank, 2) << "the late rank's node peer";
+  ASSERT_TRUE(d.early[0].shared);
+  d = c.failed(3, 1, at_ms(2));  // rank 2 froze: the copy timed out
+  EXPECT_FALSE(d.abort) << d.abort.value_or("");
+  for (const EarlyCatchUp& e : d.early) EXPECT_NE(e.donor_rank, 2) << "the frozen donor again";
+  if (d.early.empty()) d = c.ready(0, 1, at_ms(3));
+  ASSERT_EQ(d.early.size(), 1u);
+  EXPECT_EQ(d.early[0].late_rank, 3);
+  EXPECT_NE(d.early[0].donor_rank, 2);
+  EXPECT_FALSE(d.early[0].shared) << "no other holder on its node: by MPI";
+  // Rank 3 computes step 1 and closes it with ranks 0 and 1 while rank 2 is still frozen.
+  c.ready(1, 1, at_ms(4));  // (may or may not close: the test is about what follows)
+  ClosedRound r = only_close(c.ready(3, 1, at_ms(5)));
+  EXPECT_EQ(r.participants, (std::vector<int>{0, 1, 3}));
+}
+
 TEST(Coordinator, AResumedRunKeepsItsStepNumbers) {
   CoordinatorConfig config = make_config(3, 1);
   config.first_step = 500;
