@@ -41,6 +41,7 @@ StepExecutor::StepExecutor(Options options, collectives::Context& ctx,
       timeline_(timeline),
       rank_(control.rank()) {
   members_.reserve(static_cast<size_t>(ctx.size()));
+  sent_.reserve(state.layout().n_parts());
 }
 
 void StepExecutor::resumed_at(uint64_t step) {
@@ -165,8 +166,7 @@ void StepExecutor::serve_catch_ups(const StepOrder& order) {
   state_.download_state();
   const std::span<const std::span<float>> parts = state_.host_state();
   // A rank one step behind needs only the optimizer buffers (StepOrder::velocity_only).
-  std::vector<std::span<const float>> sent(parts.begin() + (order.velocity_only ? 1 : 0),
-                                           parts.end());
+  sent_.assign(parts.begin() + (order.velocity_only ? 1 : 0), parts.end());
   collectives::StateHeader header{.step = state_version(order)};
   const std::array<uint64_t, 2> sums = state_checksums();
   header.user[0] = sums[0];
@@ -175,7 +175,7 @@ void StepExecutor::serve_catch_ups(const StepOrder& order) {
     auto span = timeline_.span("serve_catch_up", static_cast<int64_t>(order.step), Lane::kTrain,
                                {"late_rank", late});
     try {
-      collectives::send_state(ctx_, late, collectives::state_sequence(order), header, sent);
+      collectives::send_state(ctx_, late, collectives::state_sequence(order), header, sent_);
     } catch (const TimeoutError& e) {
       log::get("train")->warn("step {}: could not catch up rank {}: {}", order.step, late,
                               e.what());

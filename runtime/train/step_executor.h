@@ -140,6 +140,7 @@ class StepExecutor {
   int rank_;
   collectives::StepOrder order_;  // the order being carried out
   std::vector<int> members_;      // of each all-reduce; capacity reused every step
+  std::vector<std::span<const float>> sent_;  // the state parts a catch-up sends (reused)
   uint64_t catch_ups_ = 0;
   uint64_t steps_skipped_ = 0;
   uint64_t passive_steps_ = 0;
