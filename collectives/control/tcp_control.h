@@ -27,6 +27,7 @@ struct TcpServerOptions {
   double startup_timeout_s = 120;  // every rank must have said HELLO by then, else ABORT
   double hello_timeout_s = 2;      // a new connection must present the token by then
   double linger_s = 5;             // after the job ended: how long to wait for clients to close
+  double heartbeat_s = 0.5;        // HEARTBEAT on every watch connection this often
 };
 
 // Rank 0's coordinator. The constructor binds and listens and starts the coordinator thread; the

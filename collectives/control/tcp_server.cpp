@@ -49,6 +49,7 @@ struct TcpControlServer::Impl {
     bool eof = false;         // the peer closed, or the socket failed
     bool write_shut = false;  // shutdown(SHUT_WR) done while draining
     bool refused = false;     // to be closed and forgotten
+    bool watch = false;       // a watch connection (tcp_watch.h): heartbeats, END or ABORT
   };
   enum class Phase { kStartup, kRunning, kDraining, kDone };
   struct Sink;  // deliver()'s OrderSink
@@ -65,6 +66,7 @@ struct TcpControlServer::Impl {
   void refuse(Conn& conn, const std::string& reason);
   void handle_frames(Conn& conn, CoordTime now);
   void apply(Decisions&& d, CoordTime now);
+  void send_to_watchers(const Message& msg);
   void abort_all(const std::string& reason, CoordTime now);
   void drain(CoordTime now);
   std::string who(int rank) const;
@@ -85,6 +87,8 @@ struct TcpControlServer::Impl {
   Phase phase = Phase::kStartup;
   std::list<Conn> conns;  // std::list: by_rank keeps pointers into it
   std::vector<Conn*> by_rank;
+  std::vector<Conn*> watch_by_rank;  // each rank's watch connection, once it said WATCH_HELLO
+  CoordTime next_heartbeat;
   std::optional<Coordinator> coordinator;
   CoordTime startup_deadline;
   CoordTime linger_deadline;
@@ -99,6 +103,8 @@ TcpControlServer::Impl::Impl(const TcpServerOptions& options) : opts(options) {
                    "control plane: HELLO timeout must be > 0 s");
   RESYNC_CHECK_ARG(std::isfinite(opts.linger_s) && opts.linger_s >= 0,
                    "control plane: linger time must be >= 0 s");
+  RESYNC_CHECK_ARG(std::isfinite(opts.heartbeat_s) && opts.heartbeat_s > 0,
+                   "control plane: heartbeat interval must be > 0 s");
   log = log::get("coll");
   token = JobToken::random();
 
@@ -126,7 +132,9 @@ TcpControlServer::Impl::Impl(const TcpServerOptions& options) : opts(options) {
   wake_fd.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!wake_fd.valid()) throw_sys("control plane: eventfd", errno);
   by_rank.assign(static_cast<size_t>(opts.coordinator.world_size), nullptr);
+  watch_by_rank.assign(by_rank.size(), nullptr);
   startup_deadline = CoordClock::now() + seconds(opts.startup_timeout_s);
+  next_heartbeat = CoordClock::now() + seconds(opts.heartbeat_s);
 }
 
 std::string TcpControlServer::Impl::who(int rank) const {
@@ -158,6 +166,7 @@ void TcpControlServer::Impl::run() {
   }
   conns.clear();
   by_rank.assign(by_rank.size(), nullptr);
+  watch_by_rank.assign(watch_by_rank.size(), nullptr);
 }
 
 std::optional<CoordTime> TcpControlServer::Impl::next_wake() const {
@@ -171,6 +180,7 @@ std::optional<CoordTime> TcpControlServer::Impl::next_wake() const {
   }
   if (phase == Phase::kDraining) consider(linger_deadline);
   if (phase == Phase::kStartup || phase == Phase::kRunning) {
+    consider(next_heartbeat);
     for (const Conn& conn : conns) {
       if (conn.rank < 0) consider(conn.hello_deadline);
     }
@@ -261,8 +271,18 @@ void TcpControlServer::Impl::step() {
     }
     if (phase == Phase::kRunning) apply(coordinator->tick(now), now);
   }
+  if ((phase == Phase::kStartup || phase == Phase::kRunning) && now >= next_heartbeat) {
+    send_to_watchers(message_of(MsgType::kHeartbeat));
+    next_heartbeat = now + seconds(opts.heartbeat_s);
+  }
   if (phase == Phase::kDraining) drain(now);
   conns.remove_if([](const Conn& c) { return c.refused; });
+}
+
+void TcpControlServer::Impl::send_to_watchers(const Message& msg) {
+  for (Conn* conn : watch_by_rank) {
+    if (conn != nullptr) send(*conn, msg);
+  }
 }
 
 void TcpControlServer::Impl::accept_all(CoordTime now) {
@@ -347,19 +367,26 @@ void TcpControlServer::Impl::handle_pending(Conn& conn, CoordTime now) {
     }
     return;
   }
-  if (msg.type != MsgType::kHello) return refuse(conn, "the first message is not a HELLO");
+  const bool watch = msg.type == MsgType::kWatchHello;
+  if (msg.type != MsgType::kHello && !watch) {
+    return refuse(conn, "the first message is not a HELLO");
+  }
   if (!(msg.token == token)) return refuse(conn, "wrong job token");
   if (msg.rank >= static_cast<int>(by_rank.size())) {
     return refuse(conn, fmt::format("rank {} outside [0, {})", msg.rank, by_rank.size()));
   }
-  if (by_rank[static_cast<size_t>(msg.rank)] != nullptr) {
-    return refuse(conn, fmt::format("rank {} is already connected", msg.rank));
+  std::vector<Conn*>& table = watch ? watch_by_rank : by_rank;
+  if (table[static_cast<size_t>(msg.rank)] != nullptr) {
+    return refuse(conn, fmt::format("rank {} is already connected{}", msg.rank,
+                                    watch ? " (watch)" : ""));
   }
   conn.rank = msg.rank;
   conn.host = msg.text;
+  conn.watch = watch;
   conn.in.erase(conn.in.begin(), conn.in.begin() + static_cast<std::ptrdiff_t>(used));
-  by_rank[static_cast<size_t>(msg.rank)] = &conn;
-  log->debug("control: {} connected from {}", who(conn.rank), conn.peer);
+  table[static_cast<size_t>(msg.rank)] = &conn;
+  log->debug("control: {} connected {}from {}", who(conn.rank), watch ? "its watch " : "",
+             conn.peer);
   send(conn, message_of(MsgType::kWelcome));
 }
 
@@ -420,6 +447,7 @@ struct TcpControlServer::Impl::Sink final : OrderSink {
     if (!round.final_round) return;
     impl.log->info("control: final round closed after {} steps ({} late ranks caught up)",
                    round.step, round.catchups.size());
+    impl.send_to_watchers(message_of(MsgType::kEnd));
     impl.phase = Phase::kDraining;
     impl.linger_deadline = now + seconds(impl.opts.linger_s);
   }

@@ -213,6 +213,7 @@ void append_frame(const Message& msg, std::vector<uint8_t>& out) {
   w.u8(static_cast<uint8_t>(msg.type));
   switch (msg.type) {
     case MsgType::kHello:
+    case MsgType::kWatchHello:
       w.u32(kMagic);
       w.u16(kVersion);
       w.bytes(msg.token.bytes);
@@ -227,6 +228,8 @@ void append_frame(const Message& msg, std::vector<uint8_t>& out) {
       break;
     case MsgType::kWelcome:
     case MsgType::kStop:
+    case MsgType::kHeartbeat:
+    case MsgType::kEnd:
       break;
     case MsgType::kOrder:
       write_order(w, msg.order);
@@ -258,7 +261,8 @@ size_t decode_frame(std::span<const uint8_t> bytes, size_t max_body_bytes, Messa
   msg = Message{};
   const uint8_t type = r.u8();
   switch (type) {
-    case static_cast<uint8_t>(MsgType::kHello): {
+    case static_cast<uint8_t>(MsgType::kHello):
+    case static_cast<uint8_t>(MsgType::kWatchHello): {
       const uint32_t magic = r.u32();
       if (magic != kMagic) throw CommError("not a resync control HELLO (bad magic)");
       const uint16_t version = r.u16();
@@ -279,6 +283,8 @@ size_t decode_frame(std::span<const uint8_t> bytes, size_t max_body_bytes, Messa
       break;
     case static_cast<uint8_t>(MsgType::kWelcome):
     case static_cast<uint8_t>(MsgType::kStop):
+    case static_cast<uint8_t>(MsgType::kHeartbeat):
+    case static_cast<uint8_t>(MsgType::kEnd):
       break;
     case static_cast<uint8_t>(MsgType::kOrder):
       msg.order = read_order(r);

@@ -40,21 +40,25 @@ enum class MsgType : uint8_t {
   kAbort = 7,    // server -> client: the job is over, with the reason
   kBusy = 8,     // client -> server: step
   kFailed = 9,   // client -> server: step
+  // The watch connection (tcp_watch.h): a second connection per rank that only listens.
+  kWatchHello = 10,  // client -> server: as kHello
+  kHeartbeat = 11,   // server -> client: the coordinator is alive
+  kEnd = 12,         // server -> client: the job ended normally (after the final round)
 };
 
 inline constexpr uint32_t kMagic = 0x52535943;  // "RSYC"
-inline constexpr uint16_t kVersion = 4;  // 2: BUSY, FAILED, attempt; 3: early catch-up;
-                                         // 4: shared catch-ups
+inline constexpr uint16_t kVersion = 5;  // 2: BUSY, FAILED, attempt; 3: early catch-up;
+                                         // 4: shared catch-ups; 5: watch connections
 inline constexpr size_t kFrameHeaderBytes = 4;
 inline constexpr size_t kMaxFrameBytes = size_t{4} << 20;  // a PLAN for ~500k ranks
 inline constexpr size_t kMaxHelloBytes = 1024;             // what an unknown peer may send
 
 struct Message {
   MsgType type = MsgType::kReady;
-  JobToken token;     // kHello
-  int rank = -1;      // kHello
+  JobToken token;     // kHello, kWatchHello
+  int rank = -1;      // kHello, kWatchHello
   uint64_t step = 0;  // kReady, kFinish, kBusy, kFailed
-  std::string text;   // kHello: host name; kAbort: reason
+  std::string text;   // kHello, kWatchHello: host name; kAbort: reason
   StepOrder order;    // kOrder
 };
 

@@ -260,7 +260,9 @@ std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
   const std::vector<uint8_t> bytes = encode(meta, params, optimizer_state);
   const std::string name = checkpoint_file_name(meta.step);
   const std::string path = (fs::path(dir) / name).string();
-  const std::string temp = (fs::path(dir) / ("." + name + std::string(kTempSuffix))).string();
+  // One temp file per writer: after a rank died, several survivors may save the same step.
+  const std::string temp =
+      (fs::path(dir) / fmt::format(".{}.{}{}", name, ::getpid(), kTempSuffix)).string();
   {
     Fd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
     if (fd.get() < 0) io_failed("create", temp, errno);

@@ -21,6 +21,8 @@
 #include "runtime/tools/bench.h"
 #include "runtime/io/config.h"
 #include "runtime/tools/info.h"
+#include "runtime/tools/launch.h"
+#include "runtime/train/rescue.h"
 #include "runtime/train/train.h"
 #include "runtime/train/train_common.h"
 
@@ -66,16 +68,17 @@ int run_cli(int argc, char** argv) {
   // keys (CLI11 reads a subcommand's keys only from a [section]).
   const std::string command = argc >= 2 ? argv[1] : "";
   if (command == "bench") return bench_main(argc - 1, argv + 1);
+  if (command == "launch") return launch_main(argc - 1, argv + 1);
   TrainConfig cfg;
   CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring.\n"
-               "Commands: train (under mpirun or srun), bench, info. See 'resync train --help'."};
+               "Commands: train (under mpirun or srun), launch, bench, info. See 'resync train --help'."};
   app.name(command == "train" || command == "info" ? "resync " + command : "resync");
   if (command == "train") {
     declare_train_flags(app, cfg);
   } else if (command != "info") {
-    app.add_option("command", "train, bench or info")
+    app.add_option("command", "train, launch, bench or info")
         ->required()
-        ->check(CLI::IsMember({"train", "bench", "info"}));
+        ->check(CLI::IsMember({"train", "launch", "bench", "info"}));
   }
   try {
     const bool subcommand = command == "train" || command == "info";
@@ -142,6 +145,13 @@ int run_cli(int argc, char** argv) {
       std::this_thread::sleep_for(std::chrono::seconds(10));
     }
     print_error(-1, e.what());
+    if (rank >= 0) collectives::abort_world(kExitRuntime);
+    return kExitRuntime;
+  } catch (const CommError& e) {
+    // A control or MPI call failed after set-up: a rank died, or rank 0. With a checkpoint
+    // directory the rescue saves the state and exits to be restarted (runtime/train/rescue.h).
+    if (mpi && mpi->setup_agreed()) rescue_if_armed(e.what());
+    print_error(rank, e.what());
     if (rank >= 0) collectives::abort_world(kExitRuntime);
     return kExitRuntime;
   } catch (const std::exception& e) {

@@ -148,6 +148,12 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
       ->capture_default_str()
       ->check(finite_number<double>())
       ->check(CLI::Range(0.0, 1e6));
+  app.add_option("--coordinator-timeout-s", cfg.coordinator_timeout_s,
+                 "With --checkpoint-dir: no heartbeat from rank 0's coordinator for this long "
+                 "counts as rank 0 frozen (save, exit 75 to be restarted)")
+      ->capture_default_str()
+      ->check(finite_number<double>())
+      ->check(CLI::Range(0.1, 1e6));
   app.add_option("--inject-delay", cfg.inject_delay,
                  "Straggler injection before READY: none | fixed:RANK:MS | "
                  "random:P:lognormal:MEDIAN_MS:SIGMA | random:P:pareto:SCALE_MS:ALPHA | "
@@ -240,6 +246,7 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
       {"--straggler-timeout-ms", cfg.straggler_timeout_ms},
       {"--stall-warning-s", cfg.stall_warning_s},
       {"--stall-abort-s", cfg.stall_abort_s},
+      {"--coordinator-timeout-s", cfg.coordinator_timeout_s},
       {"--progress-every-s", cfg.progress_every_s}};
   for (const auto& [flag, value] : reals) {
     if (!std::isfinite(value)) {
@@ -292,14 +299,14 @@ std::string describe(const TrainConfig& c) {
   return fmt::format(
       "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
-      "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} early-catch-up={} "
+      "min-quorum={} stall-warning-s={} stall-abort-s={} coordinator-timeout-s={} inject-delay={} early-catch-up={} "
       "segment-kib={} overlap={} bucket-kib={} "
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
       c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
-      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.early_catch_up,
+      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.coordinator_timeout_s, c.inject_delay, c.early_catch_up,
       c.segment_kib, c.overlap, c.bucket_kib,
       c.ring_timeout_ms, c.mode, c.ps, c.max_staleness, c.device, c.collective,
       c.checkpoint_dir.empty() ? "-" : c.checkpoint_dir, c.checkpoint_every, c.checkpoint_keep,

@@ -45,6 +45,7 @@ struct TrainConfig {
   int min_quorum = 1;  // fewest ranks a timed-out step may close with
   double stall_warning_s = 60;
   double stall_abort_s = 0;  // 0 = never abort
+  double coordinator_timeout_s = 10;  // rank 0 silent this long: save and exit to restart
   std::string inject_delay = "none";
   bool early_catch_up = true;  // serve late ranks while the next step is open (docs/DESIGN.md)
   // Mode: synchronous ring, or asynchronous parameter servers (docs/DESIGN.md, "Asynchronous mode").

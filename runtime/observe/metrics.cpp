@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -16,6 +17,12 @@ namespace {
 std::string num(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : "null"; }
 
 std::string ranks(const std::vector<int>& r) { return fmt::format("[{}]", fmt::join(r, ",")); }
+
+// Wall-clock seconds since the epoch: lines of a relaunched job's appended file line up in time.
+std::string unix_time() {
+  const auto now = std::chrono::system_clock::now().time_since_epoch();
+  return fmt::format("{:.3f}", std::chrono::duration<double>(now).count());
+}
 
 }  // namespace
 
@@ -41,10 +48,10 @@ void MetricsWriter::step(const StepRecord& r) {
   write_line(fmt::format(
       R"({{"event":"step","step":{},"epoch":{},"loss":{},"step_ms":{},"compute_ms":{},)"
       R"("wait_ms":{},"comm_ms":{},"delay_ms":{},"elapsed_s":{},"participants":{},"dropped":{},)"
-      R"("late":{}}})",
+      R"("late":{},"time":{}}})",
       r.step, r.epoch, num(r.loss), num(r.step_ms), num(r.compute_ms), num(r.wait_ms),
       num(r.comm_ms), num(r.delay_ms), num(r.elapsed_s), ranks(r.participants), ranks(r.dropped),
-      ranks(r.late)));
+      ranks(r.late), unix_time()));
 }
 
 void MetricsWriter::eval(const EvalRecord& r) {
@@ -71,9 +78,9 @@ void MetricsWriter::async_step(const AsyncStepRecord& r) {
   write_line(fmt::format(
       R"({{"event":"step","mode":"async","step":{},"epoch":{},"worker":{},"loss":{},"step_ms":{},)"
       R"("compute_ms":{},"delay_ms":{},"comm_ms":{},"staleness":{},"applied":{},"version":{},)"
-      R"("elapsed_s":{}}})",
+      R"("elapsed_s":{},"time":{}}})",
       r.step, r.epoch, r.worker, num(r.loss), num(r.step_ms), num(r.compute_ms), num(r.delay_ms),
-      num(r.comm_ms), r.staleness, r.applied ? "true" : "false", r.version, num(r.elapsed_s)));
+      num(r.comm_ms), r.staleness, r.applied ? "true" : "false", r.version, num(r.elapsed_s), unix_time()));
 }
 
 void MetricsWriter::staleness(const StalenessRecord& r) {

@@ -45,6 +45,7 @@ StepExecutor::StepExecutor(Options options, collectives::Context& ctx,
 }
 
 void StepExecutor::resumed_at(uint64_t step) {
+  StableState::Change(stable_).done(step);
   if (board_ == nullptr || step == 0) return;  // a fresh state is version 0 already
   board_->begin_update();
   board_->publish(step);
@@ -141,9 +142,13 @@ bool StepExecutor::participate(StepOrder& order) {
   }
 
   // The averaged update, then the fresh state to the late ranks this rank serves.
-  if (board_) board_->begin_update();
-  state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())));
-  if (board_) board_->publish(order.step + 1);
+  {
+    StableState::Change change(stable_);
+    if (board_) board_->begin_update();
+    state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())));
+    if (board_) board_->publish(order.step + 1);
+    change.done(order.step + 1);
+  }
   serve_catch_ups(order);
   return true;
 }
@@ -188,6 +193,8 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
                              {"donor", order.donor});
   auto log = log::get("train");
   std::optional<uint64_t> version;
+  // Until the catch-up completes the state is torn: a rescue meanwhile does not save it.
+  StableState::Change change(stable_);
   if (order.shared) {
     version = catch_up_shared(order, state_version(order));
   } else {
@@ -218,6 +225,7 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
     version = header.step;
   }
   if (!version) return std::nullopt;
+  change.done(*version);
   steps_skipped_ += *version - from_step;
   ++catch_ups_;
   log->debug("caught up from rank {}{}: step {} -> {}", order.donor,

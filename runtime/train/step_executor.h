@@ -18,6 +18,7 @@
 #include "collectives/state/shm_state.h"
 #include "collectives/transport/context.h"
 #include "runtime/observe/timeline.h"
+#include "runtime/train/rescue.h"
 
 namespace resync::runtime {
 
@@ -116,6 +117,8 @@ class StepExecutor {
   // gradient (busy): its gradients that were dropped.
   uint64_t steps_skipped() const { return steps_skipped_; }
   uint64_t passive_steps() const { return passive_steps_; }
+  // Whether the state is complete, and at which step: what a rescue may save (rescue.h).
+  StableState& stable_state() { return stable_; }
 
  private:
   collectives::StepOrder await_order(uint64_t step, double delay_ms);
@@ -144,6 +147,7 @@ class StepExecutor {
   uint64_t catch_ups_ = 0;
   uint64_t steps_skipped_ = 0;
   uint64_t passive_steps_ = 0;
+  StableState stable_{0};
 };
 
 }  // namespace resync::runtime

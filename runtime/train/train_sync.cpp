@@ -12,6 +12,7 @@
 #include "base/log.h"
 #include "collectives/control/control_plane.h"
 #include "collectives/control/tcp_control.h"
+#include "collectives/control/tcp_watch.h"
 #include "collectives/transport/context.h"
 #include "collectives/transport/mpi_session.h"
 #include "collectives/transport/mpi_transport.h"
@@ -23,6 +24,7 @@
 #include "runtime/train/inject_delay.h"
 #include "runtime/train/preemption.h"
 #include "runtime/train/rank_zero_duties.h"
+#include "runtime/train/rescue.h"
 #include "runtime/train/step_executor.h"
 #include "runtime/train/sync_setup.h"
 #include "runtime/train/train.h"
@@ -129,6 +131,22 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
        .check_summed_gradient = !plane.nccl},
       ctx, *control, *plane.exchange, step_state, plane.board.get(), *timeline);
   executor.resumed_at(start_step);
+  // With a checkpoint directory, a death ends the job with the newest state saved (rescue.h):
+  // the watch on the coordinator notices it even while this thread waits inside an all-reduce.
+  std::unique_ptr<collectives::CoordinatorWatch> watch;
+  if (!cfg.checkpoint_dir.empty()) {
+    arm_rescue({.checkpoint_dir = cfg.checkpoint_dir,
+                .rank = rank,
+                .stable = &executor.stable_state(),
+                .meta = [&s](uint64_t at) { return checkpoint_meta(s, at); },
+                .state = [&replica] {
+                  replica.download_state();
+                  return replica.host_state();
+                }});
+    watch = std::make_unique<collectives::CoordinatorWatch>(
+        endpoint, rank, cfg.coordinator_timeout_s,
+        [](const std::string& why) { rescue_if_armed(why); });
+  }
   RankZeroDuties duties(s, *timeline, progress, start_step, resumed.path);
   const Clock::time_point start = Clock::now();
   uint64_t dropped_so_far = 0;  // gradients left out of the steps rank 0 took part in
@@ -140,82 +158,91 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
   bool stop = false;
   bool stop_requested = false;
   bool training_over = false;  // a late rank may be caught up by the final round itself
-  while (step < s.total_steps && !stop && !training_over) {
-    if (signals.received() != 0 && !stop_requested) {
-      log->warn("received {}: asking every rank to stop at the next step boundary",
-                PreemptionSignals::name(signals.received()));
-      control->request_stop();
-      stop_requested = true;
-    }
-    rec.step = step;
-    rec.epoch = s.sampler.epoch_of(step);
-    const Clock::time_point t0 = Clock::now();
+  // A control or MPI call that fails here means a rank died or rank 0 is gone: rescue (while
+  // the state and the executor are still alive), else the error ends the job.
+  try {
+    while (step < s.total_steps && !stop && !training_over) {
+      if (signals.received() != 0 && !stop_requested) {
+        log->warn("received {}: asking every rank to stop at the next step boundary",
+                  PreemptionSignals::name(signals.received()));
+        control->request_stop();
+        stop_requested = true;
+      }
+      rec.step = step;
+      rec.epoch = s.sampler.epoch_of(step);
+      const Clock::time_point t0 = Clock::now();
 
-    // Forward and backward on this rank's own mini-batch (with overlap, the last layers'
-    // gradients are already being all-reduced while the first ones compute).
-    if (plane.overlap) plane.overlap->begin_step(step * StepExecutor::kAttemptsPerStep);
-    s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
-    rec.loss = replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
-    rec.compute_ms = ms_since(t0);
-    timeline->end("compute", t0, static_cast<int64_t>(step));
+      // Forward and backward on this rank's own mini-batch (with overlap, the last layers'
+      // gradients are already being all-reduced while the first ones compute).
+      if (plane.overlap) plane.overlap->begin_step(step * StepExecutor::kAttemptsPerStep);
+      s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
+      rec.loss = replica.compute_gradients(s.x.data(), s.y.data(), cfg.batch_size);
+      rec.compute_ms = ms_since(t0);
+      timeline->end("compute", t0, static_cast<int64_t>(step));
 
-    // The step protocol: READY (after any injected delay), the coordinator's orders, the
-    // all-reduce over the participants and the averaged update, or a catch-up.
-    rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
-    const StepReport report = executor.run(step, rec.delay_ms);
-    stop = report.stop;
-    training_over = report.final_round;
-    if (report.outcome == StepReport::Outcome::kCaughtUp) {
+      // The step protocol: READY (after any injected delay), the coordinator's orders, the
+      // all-reduce over the participants and the averaged update, or a catch-up.
+      rec.delay_ms = injected_delay_ms(s.delay_spec, cfg.seed, step, rank, world);
+      const StepReport report = executor.run(step, rec.delay_ms);
+      stop = report.stop;
+      training_over = report.final_round;
+      if (report.outcome == StepReport::Outcome::kCaughtUp) {
+        step = report.next_step;
+        duties.maybe_evaluate(step, rec.loss);
+        duties.maybe_checkpoint(step);
+        continue;
+      }
+      if (rank == 0 && step == start_step && !plane.nccl) {
+        log->info("step {}: all-reduce of {} floats over {} ranks took the {} path{}", step,
+                  layout.n_params, report.order->participants.size(),
+                  collectives::path_name(allreducer.last_path()),
+                  plane.overlap ? fmt::format(", in {} buckets overlapped with the backward pass",
+                                              plane.overlap->last_buckets())
+                                : std::string());
+      }
+
+      // The step's record, on rank 0.
+      const collectives::StepOrder& order = *report.order;
+      rec.wait_ms = report.wait_ms;
+      rec.comm_ms = report.comm_ms;
+      rec.participants.assign(order.participants.begin(), order.participants.end());
+      complement(order.participants, world, rec.dropped);
+      rec.late.clear();
+      for (const collectives::CatchUp& c : order.catchups) rec.late.push_back(c.late_rank);
+      rec.step_ms = ms_since(t0);
+      rec.elapsed_s = ms_since(start) / 1000.0;
+      if (rank == 0 && (step % cfg.metrics_every == 0 || step + 1 == s.total_steps)) {
+        s.metrics.step(rec);
+      }
       step = report.next_step;
+      dropped_so_far += rec.dropped.size();
+      if (progress.mode() != ProgressMode::kOff) {
+        const double elapsed_s = ms_since(start) / 1000.0;
+        const uint64_t samples =
+            (uint64_t(world) * (step - start_step) - dropped_so_far) * cfg.batch_size;
+        progress.update({.step = step,
+                         .total_steps = s.total_steps,
+                         .epoch = rec.epoch,
+                         .loss = rec.loss,
+                         .samples_per_s = elapsed_s > 0 ? double(samples) / elapsed_s : 0,
+                         .dropped = dropped_so_far});
+      }
       duties.maybe_evaluate(step, rec.loss);
       duties.maybe_checkpoint(step);
-      continue;
-    }
-    if (rank == 0 && step == start_step && !plane.nccl) {
-      log->info("step {}: all-reduce of {} floats over {} ranks took the {} path{}", step,
-                layout.n_params, report.order->participants.size(),
-                collectives::path_name(allreducer.last_path()),
-                plane.overlap ? fmt::format(", in {} buckets overlapped with the backward pass",
-                                            plane.overlap->last_buckets())
-                              : std::string());
     }
 
-    // The step's record, on rank 0.
-    const collectives::StepOrder& order = *report.order;
-    rec.wait_ms = report.wait_ms;
-    rec.comm_ms = report.comm_ms;
-    rec.participants.assign(order.participants.begin(), order.participants.end());
-    complement(order.participants, world, rec.dropped);
-    rec.late.clear();
-    for (const collectives::CatchUp& c : order.catchups) rec.late.push_back(c.late_rank);
-    rec.step_ms = ms_since(t0);
-    rec.elapsed_s = ms_since(start) / 1000.0;
-    if (rank == 0 && (step % cfg.metrics_every == 0 || step + 1 == s.total_steps)) {
-      s.metrics.step(rec);
+    // Final round: every rank ends with the same state (late ranks are caught up once more).
+    if (!training_over) {
+      const StepReport last = executor.finish(step);
+      stop = last.stop;
+      step = last.next_step;
     }
-    step = report.next_step;
-    dropped_so_far += rec.dropped.size();
-    if (progress.mode() != ProgressMode::kOff) {
-      const double elapsed_s = ms_since(start) / 1000.0;
-      const uint64_t samples =
-          (uint64_t(world) * (step - start_step) - dropped_so_far) * cfg.batch_size;
-      progress.update({.step = step,
-                       .total_steps = s.total_steps,
-                       .epoch = rec.epoch,
-                       .loss = rec.loss,
-                       .samples_per_s = elapsed_s > 0 ? double(samples) / elapsed_s : 0,
-                       .dropped = dropped_so_far});
-    }
-    duties.maybe_evaluate(step, rec.loss);
-    duties.maybe_checkpoint(step);
+  } catch (const CommError& e) {
+    rescue_if_armed(e.what());
+    throw;
   }
-
-  // Final round: every rank ends with the same state (late ranks are caught up once more).
-  if (!training_over) {
-    const StepReport last = executor.finish(step);
-    stop = last.stop;
-    step = last.next_step;
-  }
+  disarm_rescue();  // the final round closed: every rank holds the final state
+  watch.reset();
   progress.finish();  // before the final evaluation's and summary's log lines
   duties.maybe_evaluate(step, 0);
 
