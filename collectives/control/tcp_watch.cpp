@@ -77,9 +77,10 @@ void CoordinatorWatch::run() {
     int err = 0;
     const RecvStatus status = detail::recv_append(fd_.get(), in, err);
     if (status == RecvStatus::kClosed || status == RecvStatus::kError) {
-      return lost(fmt::format("the coordinator at {} closed the connection without ending the "
-                              "job (rank 0 died?)",
-                              address_));
+      return lost(
+          fmt::format("the coordinator at {} closed the connection without ending the "
+                      "job (rank 0 died?)",
+                      address_));
     }
     while (true) {
       Message msg;

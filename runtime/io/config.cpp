@@ -272,9 +272,6 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
       throw InvalidArgument(
           "--backup-workers and --straggler-timeout-ms apply to --mode sync only");
     }
-    if (!cfg.checkpoint_dir.empty() || cfg.resume) {
-      throw InvalidArgument("--checkpoint-dir and --resume are not supported with --mode async");
-    }
     if (cfg.device != "cpu") throw InvalidArgument("--mode async runs on --device cpu only");
   }
   if (cfg.collective == "nccl" && cfg.device != "cuda") {

@@ -1,13 +1,13 @@
 // `resync launch`: fork/exec the job, wait, classify, relaunch with --resume.
 #include "runtime/tools/launch.h"
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -15,6 +15,7 @@
 #include <filesystem>
 
 #include "runtime/io/checkpoint.h"
+#include "runtime/train/async_checkpoint.h"
 #include "runtime/train/rescue.h"
 
 namespace resync::runtime {
@@ -43,18 +44,21 @@ size_t train_index(const std::vector<std::string>& cmd) {
 
 bool has_train_flag(const std::vector<std::string>& cmd, const std::string& flag) {
   const size_t t = train_index(cmd);
-  return std::any_of(cmd.begin() + static_cast<std::ptrdiff_t>(std::min(t, cmd.size())),
-                     cmd.end(), [&](const std::string& a) { return a == flag; });
+  return std::any_of(cmd.begin() + static_cast<std::ptrdiff_t>(std::min(t, cmd.size())), cmd.end(),
+                     [&](const std::string& a) { return a == flag; });
 }
 
+// The newest checkpoint's step: of a synchronous run, or of shard 0 of an asynchronous one.
 std::optional<uint64_t> newest_step(const std::string& dir) {
-  try {
-    const std::vector<CheckpointFile> files = list_checkpoints(dir);
-    if (files.empty()) return std::nullopt;
-    return files.back().step;
-  } catch (const std::exception&) {
-    return std::nullopt;
+  std::optional<uint64_t> newest;
+  for (const std::string& d : {dir, server_checkpoint_dir(dir, 0)}) {
+    try {
+      const std::vector<CheckpointFile> files = list_checkpoints(d);
+      if (!files.empty()) newest = std::max(newest.value_or(0), files.back().step);
+    } catch (const std::exception&) {
+    }
   }
+  return newest;
 }
 
 std::string describe_status(int status) {
@@ -164,18 +168,18 @@ std::optional<std::string> train_flag(const std::vector<std::string>& cmd,
 
 int launch_main(int argc, char** argv) {
   int max_restarts = 3;
-  int min_ranks = 1;
+  int min_ranks = 0;  // 0: the job's own rank count (never fewer)
   std::string checkpoint_dir;
-  CLI::App app{"resync launch: run a training job and relaunch it with --resume after a rank "
-               "died.\nUsage: resync launch [flags] -- mpirun -np N ... resync train ..."};
+  CLI::App app{
+      "resync launch: run a training job and relaunch it with --resume after a rank "
+      "died.\nUsage: resync launch [flags] -- mpirun -np N ... resync train ..."};
   app.name("resync launch");
   app.add_option("--max-restarts", max_restarts, "Give up after this many relaunches")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000));
   app.add_option("--min-ranks", min_ranks,
-                 "When an attempt ends without progress, relaunch with one rank fewer, down to "
-                 "this many")
-      ->capture_default_str()
+                 "When a rank dies again before the job made progress (its slot may be gone), "
+                 "relaunch with one rank fewer, down to this many (default: never fewer)")
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--checkpoint-dir", checkpoint_dir,
                  "Where the job's checkpoints go (default: the job's own --checkpoint-dir, else "
@@ -195,8 +199,8 @@ int launch_main(int argc, char** argv) {
   }
   if (const auto own = train_flag(cmd, "--checkpoint-dir")) {
     if (!checkpoint_dir.empty() && *own != checkpoint_dir) {
-      say(fmt::format("error: --checkpoint-dir {} here but {} in the train command",
-                      checkpoint_dir, *own));
+      say(fmt::format("error: --checkpoint-dir {} here but {} in the train command", checkpoint_dir,
+                      *own));
       return kExitBadInput;
     }
     checkpoint_dir = *own;
@@ -206,6 +210,7 @@ int launch_main(int argc, char** argv) {
     cmd.push_back(checkpoint_dir);
   }
   const std::optional<int> first_ranks = command_ranks(cmd);
+  if (min_ranks == 0) min_ranks = first_ranks.value_or(1);
   if (first_ranks && min_ranks > *first_ranks) {
     say(fmt::format("error: --min-ranks {} is more than the job's {} ranks", min_ranks,
                     *first_ranks));
@@ -230,7 +235,8 @@ int launch_main(int argc, char** argv) {
     const std::optional<uint64_t> before = newest_step(checkpoint_dir);
     const auto t0 = std::chrono::steady_clock::now();
     const int status = run_job(attempt);
-    const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double took =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const JobEnd end = classify_job_end(status);
     if (end == JobEnd::kDone) {
       say(fmt::format("the job finished after {} restart{}", restarts, restarts == 1 ? "" : "s"));
@@ -247,33 +253,36 @@ int launch_main(int argc, char** argv) {
     }
     const std::optional<uint64_t> after = newest_step(checkpoint_dir);
     const bool progress = after && (!before || *after > *before);
-    if (end == JobEnd::kFailure && (progress || !first_ranks || ranks <= min_ranks)) {
-      say(fmt::format("error: the job failed ({}) after {:.1f} s, which is not a death; not "
+    if (end == JobEnd::kFailure) {
+      say(
+          fmt::format("error: the job failed ({}) after {:.1f} s, which is not a death; not "
                       "restarting",
                       describe_status(status), took));
       return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
     }
     if (restarts >= max_restarts) {
-      say(fmt::format("error: giving up after {} restart{}: the job ended again ({})",
-                      restarts, restarts == 1 ? "" : "s", describe_status(status)));
+      say(fmt::format("error: giving up after {} restart{}: the job ended again ({})", restarts,
+                      restarts == 1 ? "" : "s", describe_status(status)));
       return 1;
     }
     std::string how = fmt::format("{} ranks", ranks);
-    if (!progress && first_ranks && ranks > min_ranks) {
-      // No progress: the slots may not be free again. Fewer ranks: the learning rate stays (the
-      // gradient is an average), each rank's shard of the data grows to 1/ranks of it.
+    if (!progress && restarts > 0 && first_ranks && ranks > min_ranks) {
+      // A relaunch died again before any progress: its slots may be gone. Fewer ranks: the
+      // learning rate stays (the gradient is an average over the ranks), each rank's shard of
+      // the data grows to 1/ranks of it.
       --ranks;
-      how = fmt::format("{} ranks (one fewer: the attempt made no progress; the learning rate "
-                        "stays, each rank reads 1/{} of the data)",
-                        ranks, ranks);
+      how = fmt::format(
+          "{} ranks (one fewer: the relaunch died before making progress; the "
+          "learning rate stays, each rank reads 1/{} of the data)",
+          ranks, ranks);
     } else if (!first_ranks) {
       how = "the same ranks";
     }
-    say(fmt::format("the job ended ({}) after {:.1f} s; newest checkpoint: {}; relaunching with "
-                    "--resume on {} (restart {} of {})",
-                    describe_status(status), took,
-                    after ? fmt::format("step {}", *after) : std::string("none"), how,
-                    restarts + 1, max_restarts));
+    say(fmt::format(
+        "the job ended ({}) after {:.1f} s; newest checkpoint: {}; relaunching with "
+        "--resume on {} (restart {} of {})",
+        describe_status(status), took, after ? fmt::format("step {}", *after) : std::string("none"),
+        how, restarts + 1, max_restarts));
   }
 }
 

@@ -6,8 +6,9 @@
 //
 // The job exits with kExitRestart (75) after a death, or its launcher reports a rank killed by
 // a signal (exit > 128): the launcher runs it again with --resume from the checkpoint directory,
-// with N ranks, or, when an attempt ends without progress, with one rank fewer down to M.
-// Exit 0 ends it; bad input (exit 2) and any other failure are never retried.
+// with N ranks, or, with --min-ranks M < N, when a relaunch dies again before making progress
+// (its slots may be gone), with one rank fewer down to M. Exit 0 ends it; bad input (exit 2)
+// and any other failure are never retried.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +31,6 @@ std::optional<int> command_ranks(const std::vector<std::string>& cmd);
 std::vector<std::string> with_ranks(const std::vector<std::string>& cmd, int ranks);
 
 // The value of a train flag given as "--flag V" or "--flag=V" after "train", if any.
-std::optional<std::string> train_flag(const std::vector<std::string>& cmd,
-                                      const std::string& flag);
+std::optional<std::string> train_flag(const std::vector<std::string>& cmd, const std::string& flag);
 
 }  // namespace resync::runtime

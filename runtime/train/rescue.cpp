@@ -50,6 +50,11 @@ bool newest_at_least(const std::string& dir, uint64_t step) {
 // step S holds the same bits, so whoever writes, the file is the same.
 void save(const RescuePlan& plan, uint64_t step, const std::span<const std::span<float>> state) {
   auto log = log::get("ckpt");
+  if (plan.sole_writer) {
+    const std::string path = write_checkpoint(plan.checkpoint_dir, plan.meta(step), state);
+    log->warn("rank {}: saved its state to {}", plan.rank, path);
+    return;
+  }
   if (newest_at_least(plan.checkpoint_dir, step)) {
     log->info("rank {}: a checkpoint of step {} or later exists already", plan.rank, step);
     return;
@@ -96,17 +101,21 @@ void rescue_if_armed(const std::string& why) {
     while (true) std::this_thread::sleep_for(std::chrono::hours(1));  // the first one exits
   }
   auto log = log::get("train");
-  log->error("rank {}: {}; saving the newest complete state, then exiting with code {} "
-             "(restart with --resume)",
-             plan->rank, why, kExitRestart);
+  log->error(
+      "rank {}: {}; saving the newest complete state, then exiting with code {} "
+      "(restart with --resume)",
+      plan->rank, why, kExitRestart);
   try {
-    const bool saved = plan->stable->read_stable(
-        std::chrono::duration_cast<std::chrono::milliseconds>(kChangeWait),
-        [&](uint64_t step) { save(*plan, step, plan->state()); });
-    if (!saved) {
-      log->warn("rank {}: its state was being changed (a catch-up or update that cannot end); "
-                "another rank saves",
-                plan->rank);
+    if (plan->stable == nullptr) {
+      log->info("rank {} holds no state of its own to save", plan->rank);
+    } else if (const bool saved = plan->stable->read_stable(
+                   std::chrono::duration_cast<std::chrono::milliseconds>(kChangeWait),
+                   [&](uint64_t step) { save(*plan, step, plan->state()); });
+               !saved) {
+      log->warn(
+          "rank {}: its state was being changed (a catch-up or update that cannot end); "
+          "another rank saves",
+          plan->rank);
     }
   } catch (const std::exception& e) {
     log->error("rank {}: could not save its state: {}", plan->rank, e.what());

@@ -55,10 +55,13 @@ class StableState {
 struct RescuePlan {
   std::string checkpoint_dir;  // where the state goes (--checkpoint-dir)
   int rank = 0;
-  StableState* stable = nullptr;
+  StableState* stable = nullptr;  // null: this rank holds no state of its own (async worker)
   std::function<CheckpointMeta(uint64_t step)> meta;
   // The host view of the state (StateLayout's parts), fresh (on a GPU: downloaded).
   std::function<std::span<const std::span<float>>()> state;
+  // Only this rank writes into checkpoint_dir (an async server's own directory): no claim, and
+  // it writes even when a checkpoint of the same step exists (its shard moved on since).
+  bool sole_writer = false;
 };
 
 // Arms the rescue for this process (one at a time; the plan must outlive disarm_rescue()).

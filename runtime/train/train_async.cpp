@@ -10,6 +10,10 @@
 // between two pushes of the same worker as server 0 sees them. Rank 0 evaluates whenever the
 // workers together have completed another epoch of the training set (and at the end), as sync
 // mode does; meanwhile shard 0 is not served, which is the same pause sync mode takes.
+//
+// With --checkpoint-dir each server keeps checkpoints of its shard (async_checkpoint.h), and a
+// death ends the job with every surviving server's shard saved (rescue.h): rank 0 runs a
+// coordinator for liveness only, and every rank watches it, as in sync mode.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -22,14 +26,17 @@
 
 #include "base/error.h"
 #include "base/log.h"
+#include "collectives/control/tcp_control.h"
+#include "collectives/control/tcp_watch.h"
+#include "collectives/ps/parameter_server.h"
 #include "collectives/transport/context.h"
 #include "collectives/transport/mpi_session.h"
 #include "collectives/transport/mpi_transport.h"
-#include "collectives/ps/parameter_server.h"
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
 #include "kernels/sgd.h"
 #include "models/model.h"
+#include "runtime/train/async_checkpoint.h"
 #include "runtime/train/checksum.h"
 #include "runtime/train/finite.h"
 #include "runtime/train/inject_delay.h"
@@ -82,8 +89,8 @@ struct WorkerCounts {
   uint64_t refreshed = 0;  // steps discarded before pushing because the copy was too stale
 };
 
-WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
-                        const collectives::ShardLayout& layout) {
+WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::ShardLayout& layout,
+                        uint64_t first_step) {
   const TrainConfig& cfg = s.cfg;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
@@ -91,7 +98,8 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
   collectives::ParameterClient client(ctx, layout, rank_range(0, cfg.ps));
   WorkerCounts counts;
   double prev_exchange_ms = 0;
-  for (uint64_t step = 0; step < s.total_steps; ++step) {
+  if (first_step > 0) client.pull(params);  // a resumed run: the servers' restored shards
+  for (uint64_t step = first_step; step < s.total_steps; ++step) {
     // Forward and backward on this worker's own mini-batch, with the parameters it holds.
     const Clock::time_point t0 = Clock::now();
     s.data.train.gather(s.sampler.batch(step), s.x.data(), s.y.data());
@@ -101,9 +109,9 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
     if (!std::isfinite(loss) || !all_finite(grads)) [[unlikely]] {
       const size_t bad = std::isfinite(loss) ? first_non_finite(grads) : 0;
       const std::array<double, 4> report =
-          std::isfinite(loss) ? std::array<double, 4>{grads[bad], 1, double(bad),
-                                                      double(grads.size())}
-                              : std::array<double, 4>{loss, 0, 0, 0};
+          std::isfinite(loss)
+              ? std::array<double, 4>{grads[bad], 1, double(bad), double(grads.size())}
+              : std::array<double, 4>{loss, 0, 0, 0};
       client.versions_behind(step, report);
       throw non_finite_error(report, step, s.rank, /*reported_by_peer=*/true);
     }
@@ -188,6 +196,13 @@ class Rank0Monitor {
         last_eval_.elapsed_s);
   }
 
+  // A resumed run: every worker has done `steps` already.
+  void resumed_at(uint64_t steps) {
+    for (size_t w = static_cast<size_t>(s_.cfg.ps); w < progress_.size(); ++w) progress_[w] = steps;
+    total_progress_ = steps * uint64_t(n_workers_);
+    epochs_evaluated_ = total_progress_ / (s_.sampler.steps_per_epoch() * uint64_t(n_workers_));
+  }
+
   const EvalRecord& last_eval() const { return last_eval_; }
   uint64_t total_progress() const { return total_progress_; }
 
@@ -260,44 +275,108 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
         world, cfg.ps, n_workers, model.describe(), layout.size(0), cfg.data,
         s.data.train.n_samples(), s.data.test.n_samples(), s.sampler.steps_per_epoch(),
         s.total_steps, cfg.max_staleness, kernels::blas_core());
-    if (!cfg.timeline.empty()) {  // (--checkpoint-dir is rejected at set-up)
+    if (!cfg.timeline.empty()) {
       log->warn("--timeline is not supported in --mode async; ignored");
     }
+  }
+
+  // Checkpoints of this server's shard, and the resume point every worker continues from.
+  std::optional<ShardCheckpoints> shard_ckpt;
+  uint64_t first_step = 0;
+  if (!cfg.checkpoint_dir.empty()) {
+    if (server) {
+      shard_ckpt.emplace(cfg.checkpoint_dir, rank, cfg.ps, layout.slice(params, rank),
+                         layout.slice(s.optimizer.state(), rank),
+                         CheckpointMeta{.model = model.describe(),
+                                        .world_size = world,
+                                        .seed = cfg.seed,
+                                        .batch_size = cfg.batch_size},
+                         cfg.checkpoint_keep);
+      if (cfg.resume) first_step = shard_ckpt->restore().value_or(0);
+    }
+    // Server 0 sees every push: its progress is where the workers continue.
+    first_step = std::stoull(collectives::broadcast_string(std::to_string(first_step), 0));
+    if (rank == 0 && cfg.resume) {
+      log->info("--resume: every worker continues at step {}{}", first_step,
+                first_step == 0 ? " (no checkpoint of shard 0: a fresh start)" : "");
+    }
+  }
+  std::unique_ptr<collectives::TcpControlServer> liveness;  // rank 0: deaths, for the rescue
+  std::unique_ptr<collectives::ControlChannel> control;
+  std::unique_ptr<collectives::CoordinatorWatch> watch;
+  if (!cfg.checkpoint_dir.empty()) {
+    if (rank == 0) {
+      collectives::TcpServerOptions options;
+      options.coordinator.world_size = world;
+      options.coordinator.stall_warning_s = 0;  // no steps close here: liveness only
+      liveness = std::make_unique<collectives::TcpControlServer>(options);
+    }
+    const std::string endpoint =
+        collectives::broadcast_string(liveness ? liveness->endpoint() : "", 0);
+    control = collectives::TcpControlClient::connect(endpoint, rank);
+    arm_rescue(shard_ckpt ? shard_ckpt->rescue_plan(rank)
+                          : RescuePlan{.checkpoint_dir = cfg.checkpoint_dir, .rank = rank});
+    watch = std::make_unique<collectives::CoordinatorWatch>(
+        endpoint, rank, cfg.coordinator_timeout_s,
+        [](const std::string& why) { rescue_if_armed(why); });
   }
 
   const Clock::time_point start = Clock::now();
   WorkerCounts counts;
   collectives::ServerStats stats;
   std::optional<Rank0Monitor> monitor;
-  if (server) {
-    // Each server applies the same momentum SGD as sync mode to its shard, one gradient at a
-    // time (no averaging: every gradient is its own update, as in Downpour SGD).
-    std::span<float> shard = layout.slice(params, rank);
-    std::span<float> velocity = layout.slice(s.optimizer.state(), rank);
-    const kernels::SgdHyper hyper{cfg.lr, cfg.momentum, cfg.weight_decay};
-    uint64_t updates = 0;  // this server's version: names the update a bad gradient was for
-    std::vector<int> clients = rank_range(cfg.ps, world);
-    if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
-    if (rank == 0) monitor.emplace(s, ctx, layout, start);
-    collectives::ParameterServer ps(
-        ctx, shard, clients,
-        {.max_staleness = cfg.max_staleness,
-         .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000))},
-        [&](std::span<const float> grad) {
-          // Workers check before pushing; a non-finite gradient is never applied regardless.
-          check_finite_values(grad, "gradient received by the parameter server", updates, rank);
-          kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
-          ++updates;
-        },
-        [&](const collectives::RequestEvent& e) {
-          if (monitor) monitor->observe(e);
-        });
-    ps.run();
-    if (monitor) monitor->release_other_servers();
-    stats = ps.stats();
-  } else {
-    counts = run_worker(s, ctx, layout);
+  // A failed MPI or control call here means a rank died: rescue (rescue.h) while the state lives.
+  try {
+    if (server) {
+      // Each server applies the same momentum SGD as sync mode to its shard, one gradient at a
+      // time (no averaging: every gradient is its own update, as in Downpour SGD).
+      std::span<float> shard = layout.slice(params, rank);
+      std::span<float> velocity = layout.slice(s.optimizer.state(), rank);
+      const kernels::SgdHyper hyper{cfg.lr, cfg.momentum, cfg.weight_decay};
+      uint64_t updates = 0;  // this server's version: names the update a bad gradient was for
+      std::vector<int> clients = rank_range(cfg.ps, world);
+      if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
+      if (rank == 0) monitor.emplace(s, ctx, layout, start);
+      if (monitor) monitor->resumed_at(first_step);
+      collectives::ParameterServer ps(
+          ctx, shard, clients,
+          {.max_staleness = cfg.max_staleness,
+           .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000))},
+          [&](std::span<const float> grad) {
+            // Workers check before pushing; a non-finite gradient is never applied regardless.
+            check_finite_values(grad, "gradient received by the parameter server", updates, rank);
+            if (shard_ckpt) {
+              StableState::Change change(shard_ckpt->stable());
+              kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+              change.done(shard_ckpt->progress());
+            } else {
+              kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+            }
+            ++updates;
+            if (shard_ckpt && cfg.checkpoint_every > 0 && updates % cfg.checkpoint_every == 0) {
+              shard_ckpt->save();
+            }
+          },
+          [&](const collectives::RequestEvent& e) {
+            if (shard_ckpt && e.kind == collectives::PsRequestKind::kPush) {
+              shard_ckpt->saw_push(e.client, e.step);
+            }
+            if (monitor) monitor->observe(e);
+          });
+      ps.run();
+      if (shard_ckpt) shard_ckpt->save();
+      if (monitor) monitor->release_other_servers();
+      stats = ps.stats();
+    } else {
+      counts = run_worker(s, ctx, layout, first_step);
+    }
+    if (control) control->finish(0);  // every rank is done: the watches get END
+  } catch (const CommError& e) {
+    rescue_if_armed(e.what());
+    throw;
   }
+  disarm_rescue();
+  watch.reset();
 
   // ---- the end: every rank receives the servers' final parameters -------------------------
   collectives::share_shards(ctx, layout, params);

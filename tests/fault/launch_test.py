@@ -2,7 +2,8 @@
 """`resync launch` decisions, with stand-in jobs (shell commands) instead of training:
 - bad input (exit 2) is never retried, and neither is a failure after progress;
 - a job that keeps dying is given up after --max-restarts, with exit 1 and one line;
-- a job that ends without progress is relaunched with one rank fewer, down to --min-ranks;
+- a relaunch that dies before any progress is relaunched with one rank fewer, down to
+  --min-ranks (never fewer without it);
 - relaunches add --resume, and the checkpoint directory is passed to the job;
 - a real bad-input job (`resync train --lr nan` under mpirun) exits 2 after one attempt.
 
@@ -70,14 +71,22 @@ if "--resume" in got[0] or not all("--resume" in a for a in got[1:]):
 if not all(f"--checkpoint-dir {ckpt}" in a for a in got):
     fail(f"the checkpoint directory is not passed to the job: {got}")
 
-# 4. No progress: one rank fewer each time down to --min-ranks (the job succeeds with 2).
+# 4. Relaunches that die before any progress: one rank fewer each time down to --min-ranks (the
+# job succeeds with 2 ranks). Without --min-ranks the rank count never changes.
 log, lines = attempts_log("shrink")
 rc, err = launch(["--min-ranks", "2", "--max-restarts", "5",
                   "--checkpoint-dir", os.path.join(TMP, "ckpt_shrink")],
-                 sh_job('[ "$2" = 2 ]', log, np=4))
+                 sh_job('[ "$2" = 2 ] || exit 75', log, np=4))
 ranks = [a.split()[1] for a in lines()]
-if rc != 0 or ranks != ["4", "3", "2"]:
+if rc != 0 or ranks != ["4", "4", "3", "2"]:
     fail(f"shrink: exit {rc}, rank counts {ranks}, stderr:\n{err}")
+
+log, lines = attempts_log("no_shrink")
+rc, err = launch(["--max-restarts", "2", "--checkpoint-dir", os.path.join(TMP, "ckpt_ns")],
+                 sh_job("exit 75", log, np=4))
+ranks = [a.split()[1] for a in lines()]
+if rc != 1 or ranks != ["4", "4", "4"]:
+    fail(f"no --min-ranks: exit {rc}, rank counts {ranks}, stderr:\n{err}")
 
 # 5. A killed job (signal) counts as a death and is relaunched.
 log, lines = attempts_log("killed")

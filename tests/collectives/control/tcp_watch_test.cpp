@@ -122,9 +122,7 @@ TEST(CoordinatorWatch, SilenceCountsAsAFrozenCoordinator) {
 TEST(CoordinatorWatch, ADestroyedWatchReportsNothing) {
   auto server = std::make_unique<TcpControlServer>(options(2));
   Report report;
-  {
-    CoordinatorWatch watch(server->endpoint(), 0, 5, report.handler());
-  }
+  { CoordinatorWatch watch(server->endpoint(), 0, 5, report.handler()); }
   server.reset();
   EXPECT_FALSE(report.wait(std::chrono::milliseconds(300)));
 }
