@@ -10,7 +10,9 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 
@@ -33,6 +35,31 @@ void forward_signal(int sig) {
 }
 
 void say(const std::string& line) { std::fprintf(stderr, "resync launch: %s\n", line.c_str()); }
+
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// --events FILE: one JSON line per attempt start and end, for benchmarks (scripts/bench/chaos).
+class EventLog {
+ public:
+  explicit EventLog(const std::string& path) {
+    if (!path.empty()) file_ = std::fopen(path.c_str(), "a");
+  }
+  ~EventLog() {
+    if (file_ != nullptr) std::fclose(file_);
+  }
+  bool failed(const std::string& path) const { return !path.empty() && file_ == nullptr; }
+  void write(const std::string& line) {
+    if (file_ == nullptr) return;
+    std::fprintf(file_, "%s\n", line.c_str());
+    std::fflush(file_);
+  }
+
+ private:
+  std::FILE* file_ = nullptr;
+};
 
 // Index of the "train" argument (the program's subcommand), or cmd.size().
 size_t train_index(const std::vector<std::string>& cmd) {
@@ -170,6 +197,7 @@ int launch_main(int argc, char** argv) {
   int max_restarts = 3;
   int min_ranks = 0;  // 0: the job's own rank count (never fewer)
   std::string checkpoint_dir;
+  std::string events_path;
   CLI::App app{
       "resync launch: run a training job and relaunch it with --resume after a rank "
       "died.\nUsage: resync launch [flags] -- mpirun -np N ... resync train ..."};
@@ -184,6 +212,8 @@ int launch_main(int argc, char** argv) {
   app.add_option("--checkpoint-dir", checkpoint_dir,
                  "Where the job's checkpoints go (default: the job's own --checkpoint-dir, else "
                  "resync-checkpoints/<slurm job id or time>)");
+  app.add_option("--events", events_path,
+                 "Append a JSON line per attempt start and end (times, exit status) to this file");
   std::vector<std::string> cmd;
   app.add_option("command", cmd, "The job: everything after --")->required();
   try {
@@ -216,6 +246,12 @@ int launch_main(int argc, char** argv) {
                     *first_ranks));
     return kExitBadInput;
   }
+  EventLog events(events_path);
+  if (events.failed(events_path)) {
+    say(fmt::format("error: --events {}: cannot open the file ({})", events_path,
+                    std::strerror(errno)));
+    return kExitBadInput;
+  }
   say(fmt::format("checkpoints in {}; up to {} restart{}", checkpoint_dir, max_restarts,
                   max_restarts == 1 ? "" : "s"));
 
@@ -234,7 +270,11 @@ int launch_main(int argc, char** argv) {
     }
     const std::optional<uint64_t> before = newest_step(checkpoint_dir);
     const auto t0 = std::chrono::steady_clock::now();
+    events.write(fmt::format(R"({{"event":"start","attempt":{},"ranks":{},"time":{:.3f}}})",
+                             restarts, ranks, unix_now()));
     const int status = run_job(attempt);
+    events.write(fmt::format(R"({{"event":"end","attempt":{},"status":"{}","time":{:.3f}}})",
+                             restarts, describe_status(status), unix_now()));
     const double took =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const JobEnd end = classify_job_end(status);
