@@ -30,7 +30,9 @@ volatile sig_atomic_t g_child = 0;
 volatile sig_atomic_t g_signalled = 0;  // SIGINT/SIGTERM reached the launcher: no more restarts
 
 void forward_signal(int sig) {
-  g_signalled = sig;
+  // SIGUSR1 asks the job for a checkpoint and a clean stop (Slurm's time limit or preemption,
+  // see scripts/slurm/train.sbatch): passed on, and not a reason to stop relaunching.
+  if (sig != SIGUSR1) g_signalled = sig;
   if (g_child > 0) ::kill(static_cast<pid_t>(g_child), sig);
 }
 
@@ -106,6 +108,7 @@ int run_job(const std::vector<std::string>& cmd) {
   if (pid == 0) {
     ::signal(SIGINT, SIG_DFL);
     ::signal(SIGTERM, SIG_DFL);
+    ::signal(SIGUSR1, SIG_DFL);
     ::execvp(argv[0], argv.data());
     std::fprintf(stderr, "resync launch: error: cannot run %s: %s\n", argv[0],
                  std::strerror(errno));
@@ -260,6 +263,7 @@ int launch_main(int argc, char** argv) {
   ::sigemptyset(&sa.sa_mask);
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGUSR1, &sa, nullptr);
 
   int ranks = first_ranks.value_or(0);
   for (int restarts = 0;; ++restarts) {

@@ -8,12 +8,14 @@
 #   train_sweep  train.sbatch (2 ranks) and a sweep.sbatch array over 1 and 2 ranks
 #   preempt      train.sbatch gets the batch-shell SIGUSR1 of --signal=B:USR1@120: checkpoint,
 #                requeue, and the requeued run resumes to the end
+#   death        a rank of train.sbatch's srun step is SIGKILLed: the survivor saves, resync
+#                launch starts a new srun step in the same allocation, which resumes to the end
 set -uo pipefail
 
 RESYNC=${1:?usage: slurm_e2e.sh RESYNC_BINARY REPO_DIR SCENARIO}
 REPO=${2:?usage: slurm_e2e.sh RESYNC_BINARY REPO_DIR SCENARIO}
 SCENARIO=${3:?usage: slurm_e2e.sh RESYNC_BINARY REPO_DIR SCENARIO}
-if [[ $SCENARIO != train_sweep && $SCENARIO != preempt ]]; then
+if [[ $SCENARIO != train_sweep && $SCENARIO != preempt && $SCENARIO != death ]]; then
   echo "unknown scenario $SCENARIO" >&2
   exit 2
 fi
@@ -308,6 +310,52 @@ PY
   grep -q "requeueing" "$TMP/results/preempt-$preempt_job.out" ||
     fail "train.sbatch did not report the requeue"
   echo "slurm: train.sbatch job $preempt_job checkpointed on SIGUSR1, requeued itself and resumed"
+}
+
+scenario_death() {
+  # Rank 1 of the srun step (rank 0 delayed 20 ms per step, so the run lasts) is SIGKILLed once
+  # training is under way. srun ends the step; rank 0 saved the state first; `resync launch`
+  # (train.sbatch) starts a second srun step in the same allocation with --resume.
+  local DEATH_STEPS=300
+  job_deadline=$((SECONDS + JOB_TIMEOUT_S))
+  death_dir="$TMP/results/death"
+  death_job=$(RESULTS_DIR="$death_dir" sbatch --parsable --nodes=1 --ntasks-per-node=2 \
+    --time=00:03:00 --output="$TMP/results/death-%j.out" \
+    "$REPO/scripts/slurm/train.sbatch" "${QUICK[@]}" --steps $DEATH_STEPS \
+    --inject-delay fixed:0:20 2>"$TMP/log/sbatch.err") ||
+    fail "sbatch train.sbatch (death run) failed: $(cat "$TMP/log/sbatch.err")"
+  echo "slurm: submitted train.sbatch as job $death_job for the death check"
+  local metrics="$death_dir/metrics-run0.jsonl"
+  until [[ $(grep -c '"event":"step"' "$metrics" 2>/dev/null) -ge 20 ]]; do
+    (( SECONDS < job_deadline )) || fail "death run: no 20 steps within ${JOB_TIMEOUT_S}s"
+    sleep 0.2
+  done
+  local victim=""
+  for pid in $(pgrep -f "metrics-run0.jsonl"); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_PROCID=1" &&
+       tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q " train "; then
+      victim=$pid
+    fi
+  done
+  [[ -n $victim ]] || fail "death run: could not find rank 1's process"
+  kill -KILL "$victim"
+  echo "slurm: killed rank 1 (pid $victim) of job $death_job"
+  wait_for_queue_empty
+
+  check_job "$death_job"
+  check_summary "$metrics" $DEATH_STEPS
+  python3 - "$metrics" <<'PY' || fail "death: the relaunched step did not resume"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+s = rows[-1]
+if s.get("resumed_from_step") in (None, 0):
+    print(f"death: the last run did not resume from a checkpoint: {s}", file=sys.stderr)
+    sys.exit(1)
+print(f"slurm: the new srun step resumed from step {s['resumed_from_step']}")
+PY
+  grep -q "relaunching with --resume" "$TMP/results/death-$death_job.out" ||
+    fail "resync launch did not report the relaunch"
+  echo "slurm: train.sbatch job $death_job lost rank 1 and finished in a new srun step"
 }
 
 "scenario_$SCENARIO"
