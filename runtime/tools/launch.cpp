@@ -39,8 +39,7 @@ void forward_signal(int sig) {
 void say(const std::string& line) { std::fprintf(stderr, "resync launch: %s\n", line.c_str()); }
 
 double unix_now() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 // --events FILE: one JSON line per attempt start and end, for benchmarks (scripts/bench/chaos).
@@ -144,45 +143,45 @@ JobEnd classify_job_end(int status) {
   return JobEnd::kFailure;
 }
 
-std::optional<int> command_ranks(const std::vector<std::string>& cmd) {
+namespace {
+
+// Where the launcher's part of the command (before "train") gives the rank count: the argument
+// holding the number, and the text before the number in it ("" for "-np N", "--ntasks=" ...).
+struct RanksArg {
+  size_t index;
+  std::string prefix;
+};
+
+std::optional<RanksArg> find_ranks_arg(const std::vector<std::string>& cmd) {
   const size_t t = train_index(cmd);
   for (size_t i = 0; i < t; ++i) {
     const std::string& a = cmd[i];
     if ((a == "-np" || a == "-n" || a == "--np" || a == "--ntasks") && i + 1 < t) {
-      try {
-        return std::stoi(cmd[i + 1]);
-      } catch (const std::exception&) {
-        return std::nullopt;
-      }
+      return RanksArg{i + 1, ""};
     }
     for (const char* prefix : {"--ntasks=", "-n="}) {
-      if (a.starts_with(prefix)) {
-        try {
-          return std::stoi(a.substr(std::strlen(prefix)));
-        } catch (const std::exception&) {
-          return std::nullopt;
-        }
-      }
+      if (a.starts_with(prefix)) return RanksArg{i, prefix};
     }
   }
   return std::nullopt;
 }
 
+}  // namespace
+
+std::optional<int> command_ranks(const std::vector<std::string>& cmd) {
+  const std::optional<RanksArg> arg = find_ranks_arg(cmd);
+  if (!arg) return std::nullopt;
+  try {
+    return std::stoi(cmd[arg->index].substr(arg->prefix.size()));
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
 std::vector<std::string> with_ranks(const std::vector<std::string>& cmd, int ranks) {
   std::vector<std::string> out = cmd;
-  const size_t t = train_index(cmd);
-  for (size_t i = 0; i < t; ++i) {
-    const std::string& a = out[i];
-    if ((a == "-np" || a == "-n" || a == "--np" || a == "--ntasks") && i + 1 < t) {
-      out[i + 1] = std::to_string(ranks);
-      return out;
-    }
-    for (const char* prefix : {"--ntasks=", "-n="}) {
-      if (a.starts_with(prefix)) {
-        out[i] = prefix + std::to_string(ranks);
-        return out;
-      }
-    }
+  if (const std::optional<RanksArg> arg = find_ranks_arg(cmd)) {
+    out[arg->index] = arg->prefix + std::to_string(ranks);
   }
   return out;
 }

@@ -168,7 +168,7 @@ elif SCENARIO == "ckpt_write":
     # Rank 0 writes a checkpoint after every step; killed, it dies inside a write most often. The
     # relaunch must find a valid newest checkpoint (a half-written one is a temp file, never
     # loaded) and end like the uninterrupted run.
-    extra = ["--hidden", "512,512", "--checkpoint-every", "1", "--checkpoint-keep", "2"]
+    extra = ["--hidden", "256,256", "--checkpoint-every", "1", "--checkpoint-keep", "2"]
     want = straight_checksum(extra)
     _, metrics = faulty_run(extra, kill_ranks([0]))
     check_end(metrics, 1, want, writer_died=True)
