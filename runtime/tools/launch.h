@@ -1,7 +1,7 @@
 // `resync launch`: runs a training job and relaunches it after a death, in the spirit of
 // torchrun's elastic agent (README, "Dead ranks: save and relaunch").
 //
-//   resync launch [--max-restarts K] [--min-ranks M] [--checkpoint-dir DIR] -- \
+//   resync launch [--max-restarts K] [--min-ranks M] [--checkpoint-dir DIR] --
 //       mpirun -np N ... resync train ...      (or: srun -n N ... resync train ...)
 //
 // The job exits with kExitRestart (75) after a death, or its launcher reports a rank killed by
