@@ -142,7 +142,7 @@ bool StepExecutor::participate(StepOrder& order) {
 
   // The averaged update, then the fresh state to the late ranks this rank serves.
   if (board_) board_->begin_update();
-  state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())));
+  state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())), order.step);
   if (board_) board_->publish(order.step + 1);
   serve_catch_ups(order);
   return true;
@@ -206,7 +206,15 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
                 e.what());
       return std::nullopt;
     }
-    if (order.velocity_only) state_.apply_update_from_optimizer_state();
+    // The donor's state is version header.step: the update it holds is that of step - 1.
+    if (order.velocity_only) {
+      if (header.step == 0) {
+        log->warn("catch-up from rank {} after step {}: optimizer state of step 0; asking again",
+                  order.donor, order.step);
+        return std::nullopt;
+      }
+      state_.apply_update_from_optimizer_state(header.step - 1);
+    }
     const std::array<uint64_t, 2> sums = state_checksums();
     if (header.user[0] != sums[0] || header.user[1] != sums[1]) {
       log->warn("catch-up from rank {} after step {} arrived torn; asking again", order.donor,

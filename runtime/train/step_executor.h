@@ -31,16 +31,18 @@ class StepState {
   // After a failed all-reduce, whose partial sum is in gradient(): this step's gradient again
   // (same parameters, same batch: the same bits).
   virtual void recompute_gradient() = 0;
-  // The update with the summed gradient times grad_scale (1/|participants|).
-  virtual void apply_update(float grad_scale) = 0;
+  // The update of training step `step` with the summed gradient times grad_scale
+  // (1/|participants|).
+  virtual void apply_update(float grad_scale, uint64_t step) = 0;
   // The state that catch-ups move, as StateLayout's parts (parameters first) in host memory:
   // download_state() before reading them, upload_state() after writing them.
   virtual StateLayout layout() const = 0;
   virtual std::span<const std::span<float>> host_state() = 0;
   virtual void download_state() = 0;
   virtual void upload_state() = 0;
-  // On the host view: the parameters after the update whose optimizer buffers it now holds.
-  virtual void apply_update_from_optimizer_state() = 0;
+  // On the host view: the parameters after the update of training step `step`, whose optimizer
+  // buffers it now holds.
+  virtual void apply_update_from_optimizer_state(uint64_t step) = 0;
 };
 
 // Sums the gradient over a step's all-reduce members (ascending world ranks), in place.

@@ -28,7 +28,7 @@
 #include "collectives/ps/parameter_server.h"
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
-#include "kernels/sgd.h"
+#include "kernels/adamw.h"
 #include "models/model.h"
 #include "runtime/train/checksum.h"
 #include "runtime/train/finite.h"
@@ -89,6 +89,7 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
   std::span<float> params = model.params();
   std::span<float> grads = model.grads();
   collectives::ParameterClient client(ctx, layout, rank_range(0, cfg.ps));
+  const OptimizerConfig clip = optimizer_config(cfg, s.total_steps);
   WorkerCounts counts;
   double prev_exchange_ms = 0;
   for (uint64_t step = 0; step < s.total_steps; ++step) {
@@ -106,6 +107,14 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx,
                               : std::array<double, 4>{loss, 0, 0, 0};
       client.versions_behind(step, report);
       throw non_finite_error(report, step, s.rank, /*reported_by_peer=*/true);
+    }
+    // --grad-clip: each worker clips its own gradient by its global norm before the push (the
+    // servers each see one shard only).
+    if (clip.grad_clip > 0) {
+      const float f = clip.clipped_scale(kernels::sum_of_squares(grads), 1.0f);
+      if (f != 1.0f) {
+        for (float& g : grads) g *= f;
+      }
     }
     const double compute_ms = ms_since(t0);
 
@@ -270,11 +279,11 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   collectives::ServerStats stats;
   std::optional<Rank0Monitor> monitor;
   if (server) {
-    // Each server applies the same momentum SGD as sync mode to its shard, one gradient at a
-    // time (no averaging: every gradient is its own update, as in Downpour SGD).
+    // Each server applies the same optimizer as sync mode to its shard (SGD: the velocity's
+    // shard; AdamW: the moments' shards), one gradient at a time (no averaging: every gradient
+    // is its own update, as in Downpour SGD). The update count is the server's own: AdamW's
+    // bias correction and the learning-rate schedule follow it.
     std::span<float> shard = layout.slice(params, rank);
-    std::span<float> velocity = layout.slice(s.optimizer.state(), rank);
-    const kernels::SgdHyper hyper{cfg.lr, cfg.momentum, cfg.weight_decay};
     uint64_t updates = 0;  // this server's version: names the update a bad gradient was for
     std::vector<int> clients = rank_range(cfg.ps, world);
     if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
@@ -286,7 +295,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
         [&](std::span<const float> grad) {
           // Workers check before pushing; a non-finite gradient is never applied regardless.
           check_finite_values(grad, "gradient received by the parameter server", updates, rank);
-          kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+          s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
           ++updates;
         },
         [&](const collectives::RequestEvent& e) {
