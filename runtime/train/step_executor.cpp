@@ -219,6 +219,7 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
     if (header.user[0] != sums[0] || header.user[1] != sums[1]) {
       log->warn("catch-up from rank {} after step {} arrived torn; asking again", order.donor,
                 order.step);
+      ++torn_catch_ups_;
       return std::nullopt;
     }
     state_.upload_state();

@@ -118,6 +118,9 @@ class StepExecutor {
   // gradient (busy): its gradients that were dropped.
   uint64_t steps_skipped() const { return steps_skipped_; }
   uint64_t passive_steps() const { return passive_steps_; }
+  // Catch-ups whose state failed the checksums (a torn transfer, or parameters recomputed from
+  // the optimizer buffers that differ from the donor's) and were asked for again.
+  uint64_t torn_catch_ups() const { return torn_catch_ups_; }
 
  private:
   collectives::StepOrder await_order(uint64_t step, double delay_ms);
@@ -146,6 +149,7 @@ class StepExecutor {
   uint64_t catch_ups_ = 0;
   uint64_t steps_skipped_ = 0;
   uint64_t passive_steps_ = 0;
+  uint64_t torn_catch_ups_ = 0;
 };
 
 }  // namespace resync::runtime
