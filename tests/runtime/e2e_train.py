@@ -425,8 +425,10 @@ def scenario_adamw_catch_ups():
     log = LAST_STDERR[0]
     if not s["ranks_agree"]:
         fail(f"np 4: ranks disagree after AdamW shared catch-ups: {s}")
-    if s["catch_ups"] == 0:
-        fail(f"np 4: no catch-up happened: {s}\n{log[-3000:]}")
+    shared = log.count("(shared memory)")
+    if s["catch_ups"] == 0 or shared == 0:
+        fail(f"np 4: no shared-memory catch-up happened ({s['catch_ups']} catch-ups, {shared} "
+             f"shared in the log):\n{log[-3000:]}")
     for bad in ("torn", "could not catch up"):
         if bad in log:
             fail(f"a catch-up went wrong ({bad!r}):\n{log[-3000:]}")
