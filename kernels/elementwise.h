@@ -1,5 +1,6 @@
 // Elementwise math shared by the CPU and CUDA backends: ReLU, the softmax cross-entropy
-// gradient and the SGD-momentum and AdamW element updates. Written once so the CPU tests check the GPU math.
+// gradient and the SGD-momentum and AdamW element updates. Written once so the CPU tests check
+// the GPU math.
 #pragma once
 
 #include <cmath>

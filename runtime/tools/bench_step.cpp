@@ -104,7 +104,8 @@ int run_step_bench(const StepBenchConfig& cfg) {
   std::printf(
       "# resync bench step: compute_gradients + apply_gradients (%s) on one "
       "rank, seeded synthetic %zux%zux%zu batches, %zu classes\n",
-      cfg.optimizer == "adamw" ? "AdamW" : "SGD momentum", spec.in_channels, spec.in_height, spec.in_width, spec.n_classes);
+      cfg.optimizer == "adamw" ? "AdamW" : "SGD momentum", spec.in_channels, spec.in_height,
+      spec.in_width, spec.n_classes);
   std::printf("# %d warm-up steps, then %d timed; BLAS threads (cpu) %d\n", cfg.warmup, cfg.iters,
               cfg.threads);
   std::printf("# %-8s %6s %6s %12s %14s %10s   %s\n", "device", "batch", "iters", "ms/step",

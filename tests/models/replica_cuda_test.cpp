@@ -223,7 +223,9 @@ TEST_P(CudaReplicaTest, AdamWUpdateFromOptimizerStateMatchesTheDonorsDeviceUpdat
     late->download_state();
     const auto from = donor->host_state();
     const auto to = late->host_state();
-    for (size_t k = 1; k < from.size(); ++k) std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    for (size_t k = 1; k < from.size(); ++k) {
+      std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    }
     late->apply_update_from_optimizer_state(step);
     late->upload_state();
     late->download_state();

@@ -1,6 +1,6 @@
-// The Replica without a GPU: the CPU replica reproduces models::Model + Optimizer (SGD) bit for bit,
-// also with its state and gradient placed in caller storage; make_replica's argument and
-// no-CUDA/no-device errors, and the GPU exchange choice.
+// The Replica without a GPU: the CPU replica reproduces models::Model + Optimizer (SGD, AdamW)
+// bit for bit, also with its state and gradient placed in caller storage; make_replica's
+// argument and no-CUDA/no-device errors, and the GPU exchange choice.
 #include "runtime/train/replica.h"
 
 #include <gtest/gtest.h>
@@ -153,7 +153,9 @@ TEST_P(CpuReplicaTest, UpdateFromOptimizerStateMatchesTheDonorsUpdate) {
     donor->apply_gradients(1.0f, step);
     const auto from = donor->host_state();
     const auto to = late->host_state();
-    for (size_t k = 1; k < from.size(); ++k) std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    for (size_t k = 1; k < from.size(); ++k) {
+      std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    }
     late->apply_update_from_optimizer_state(step);
     expect_same_bits(to[0], from[0], "parameters after step " + std::to_string(step));
   }
@@ -272,7 +274,9 @@ TEST_P(CpuReplicaTest, AdamWUpdateFromOptimizerStateMatchesTheDonorsUpdate) {
     donor->apply_gradients(1.0f, step);
     const auto from = donor->host_state();
     const auto to = late->host_state();
-    for (size_t k = 1; k < from.size(); ++k) std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    for (size_t k = 1; k < from.size(); ++k) {
+      std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    }
     late->apply_update_from_optimizer_state(step);
     expect_same_bits(to[0], from[0], "parameters after step " + std::to_string(step));
   }

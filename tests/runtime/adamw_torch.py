@@ -5,7 +5,8 @@ torch.nn.utils.clip_grad_norm_.
 
 Usage: adamw_torch.py INPUT OUTPUT
 INPUT (little-endian): u32 n, u32 steps, f32 lr beta1 beta2 eps weight_decay grad_clip min_lr,
-u32 warmup_steps total_steps (0: constant after the warm-up), f32 grad_scale, then n f32 parameters and steps x n f32 gradients.
+u32 warmup_steps total_steps (0: constant after the warm-up), f32 grad_scale, then n f32
+parameters and steps x n f32 gradients.
 OUTPUT: n f32 parameters, n f32 first moments, n f32 second moments after the last step.
 """
 import math

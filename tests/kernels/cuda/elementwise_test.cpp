@@ -1,4 +1,5 @@
-// CUDA GEMM, bias, ReLU, SGD, AdamW and softmax cross-entropy against the CPU kernels on seeded inputs.
+// CUDA GEMM, bias, ReLU, SGD, AdamW and softmax cross-entropy against the CPU kernels on seeded
+// inputs.
 // Ops whose CUDA kernel performs the CPU's operations in the CPU's order are compared bit for bit;
 // the others (cuBLAS sums, fused multiply-adds, device exp/log) within a stated rounding bound.
 #include <gtest/gtest.h>
