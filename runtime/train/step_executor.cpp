@@ -230,7 +230,10 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
   steps_skipped_ += *version - from_step;
   ++catch_ups_;
   log->debug("caught up from rank {}{}: step {} -> {}", order.donor,
-             order.shared ? " (shared memory)" : "", from_step, *version);
+             order.shared          ? " (shared memory)"
+             : order.velocity_only ? " (optimizer state only)"
+                                   : "",
+             from_step, *version);
   return version;
 }
 
