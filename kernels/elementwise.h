@@ -1,5 +1,6 @@
 // Elementwise math shared by the CPU and CUDA backends: ReLU, the softmax cross-entropy
-// gradient and the SGD-momentum element update. Written once so the CPU tests check the GPU math.
+// gradient and the SGD-momentum and AdamW element updates. Written once so the CPU tests check
+// the GPU math.
 #pragma once
 
 #include <cmath>
@@ -43,6 +44,28 @@ RESYNC_HOST_DEVICE inline void sgd_momentum_element(float& p, float& v, float gr
   const float g = grad * grad_scale + weight_decay * p;
   v = momentum * v + g;
   sgd_velocity_element(p, v, lr);
+}
+
+// One parameter of AdamW (PyTorch's torch.optim.AdamW), in two halves so that a rank holding
+// the parameter before an update and the moments after it recomputes the parameter bit for bit.
+// The per-step scalars (kernels/adamw.h, AdamWStep) are computed once on the host.
+// The moments: g = grad * grad_scale; m = b1 * m + (1 - b1) * g; v = b2 * v + (1 - b2) * g * g.
+RESYNC_HOST_DEVICE inline void adamw_moments_element(float& m, float& v, float grad,
+                                                     float grad_scale, float beta1,
+                                                     float one_minus_beta1, float beta2,
+                                                     float one_minus_beta2) {
+  const float g = grad * grad_scale;
+  m = beta1 * m + one_minus_beta1 * g;
+  v = beta2 * v + one_minus_beta2 * (g * g);
+}
+
+// The parameter: decoupled weight decay p *= 1 - lr * wd, then
+// p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps), step_size = lr / (1 - b1^t).
+RESYNC_HOST_DEVICE inline void adamw_param_element(float& p, float m, float v, float decay,
+                                                   float step_size, float bias2_sqrt, float eps) {
+  const float denom = std::sqrt(v) / bias2_sqrt + eps;
+  p = p * decay;
+  p = p - step_size * (m / denom);
 }
 
 }  // namespace resync::kernels

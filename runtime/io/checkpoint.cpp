@@ -112,6 +112,17 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// The optimizer's code in the header (the word that format version 1 kept as reserved, 0: SGD,
+// so every earlier checkpoint reads as SGD's).
+constexpr std::string_view kOptimizerCodes[] = {"sgd", "adamw"};
+
+uint32_t optimizer_code(const std::string& name) {
+  for (uint32_t i = 0; i < std::size(kOptimizerCodes); ++i) {
+    if (kOptimizerCodes[i] == name) return i;
+  }
+  throw InvalidArgument(fmt::format("checkpoint: unknown optimizer '{}'", name));
+}
+
 // CRC-32 of the file without its own four bytes; zlib's crc32 takes at most 4 GiB per call.
 uint32_t file_crc(std::span<const uint8_t> file) {
   uLong crc = ::crc32(0L, Z_NULL, 0);
@@ -137,7 +148,7 @@ std::vector<uint8_t> encode(const CheckpointMeta& meta, std::span<const float> p
   w.put<uint64_t>(0);  // body bytes, filled in below
   w.put<uint64_t>(meta.step);
   w.put<uint32_t>(static_cast<uint32_t>(meta.world_size));
-  w.put<uint32_t>(0);
+  w.put<uint32_t>(optimizer_code(meta.optimizer));
   w.put<uint64_t>(meta.seed);
   w.put<uint64_t>(meta.batch_size);
   w.put<uint32_t>(static_cast<uint32_t>(meta.model.size()));
@@ -314,7 +325,9 @@ Checkpoint read_checkpoint(const std::string& path) {
   Checkpoint c;
   c.meta.step = r.get<uint64_t>("step");
   c.meta.world_size = static_cast<int>(r.get<uint32_t>("world size"));
-  r.get<uint32_t>("reserved");
+  const auto optimizer = r.get<uint32_t>("optimizer");
+  if (optimizer >= std::size(kOptimizerCodes)) r.malformed("optimizer");
+  c.meta.optimizer = std::string(kOptimizerCodes[optimizer]);
   c.meta.seed = r.get<uint64_t>("seed");
   c.meta.batch_size = r.get<uint64_t>("batch size");
   const auto model_bytes = r.get<uint32_t>("model description length");

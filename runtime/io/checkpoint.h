@@ -17,7 +17,7 @@ namespace resync::runtime {
 //   [8, 12)  u32 format version
 //   [12, 16) u32 CRC-32 (zlib) of every byte of the file except these four
 //   [16, 24) u64 body bytes (the file is exactly 24 + body bytes long)
-//   body:    u64 step, u32 world size, u32 reserved (0), u64 seed, u64 batch size,
+//   body:    u64 step, u32 world size, u32 optimizer (0 sgd, 1 adamw), u64 seed, u64 batch size,
 //            u32 model description length + its bytes,
 //            u64 n_params + the parameters (f32), u64 n_state + the optimizer state (f32)
 inline constexpr char kCheckpointMagic[8] = {'R', 'S', 'Y', 'N', 'C', 'K', 'P', 'T'};
@@ -33,6 +33,9 @@ struct CheckpointMeta {
   int world_size = 0;   // ranks of the run that wrote it
   uint64_t seed = 0;
   uint64_t batch_size = 0;  // per rank
+  // "sgd" (optimizer state: the velocity) or "adamw" (the first, then the second moment). A
+  // checkpoint resumes only with the optimizer that wrote it.
+  std::string optimizer = "sgd";
   bool operator==(const CheckpointMeta&) const = default;
 };
 
@@ -41,7 +44,7 @@ struct CheckpointMeta {
 struct Checkpoint {
   CheckpointMeta meta;
   std::vector<float> params;
-  std::vector<float> optimizer_state;  // SGD momentum (velocity)
+  std::vector<float> optimizer_state;  // the optimizer's buffers one after another
 };
 
 struct CheckpointFile {

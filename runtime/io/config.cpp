@@ -65,8 +65,13 @@ CLI::Validator finite_number() {
 
 }  // namespace
 
-float default_lr(const std::string& mode) {
+float default_lr(const std::string& mode, const std::string& optimizer) {
+  if (optimizer == "adamw") return kDefaultLrAdamW;
   return mode == "async" ? kDefaultLrAsync : kDefaultLrSync;
+}
+
+float default_weight_decay(const std::string& optimizer) {
+  return optimizer == "adamw" ? kDefaultWeightDecayAdamW : kDefaultWeightDecaySgd;
 }
 
 void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
@@ -99,26 +104,67 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.add_option("--batch-size", cfg.batch_size, "Mini-batch size per rank")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{65536}));
+  app.add_option("--optimizer", cfg.optimizer,
+                 "sgd (momentum, L2 weight decay) or adamw (PyTorch's AdamW: bias correction, "
+                 "decoupled weight decay)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"sgd", "adamw"}));
   // The learning rate's default depends on --mode (each async gradient is its own update, see
-  // TrainConfig::lr); it applies only when neither the command line nor --config sets --lr.
+  // TrainConfig::lr) and --optimizer; it applies only when neither the command line nor
+  // --config sets --lr. The weight decay's default depends on --optimizer the same way.
   CLI::Option* lr = app.add_option(
                            "--lr", cfg.lr,
-                           fmt::format("Learning rate (default {} with --mode sync, {} with "
-                                       "--mode async)",
-                                       kDefaultLrSync, kDefaultLrAsync))
+                           fmt::format("Learning rate (sgd: default {} with --mode sync, {} with "
+                                       "--mode async; adamw: default {})",
+                                       kDefaultLrSync, kDefaultLrAsync, kDefaultLrAdamW))
                         ->check(finite_number<float>())
                         ->check(CLI::Range(0.0f, 100.0f));
-  app.final_callback([lr, &cfg] {
-    if (lr->count() == 0) cfg.lr = default_lr(cfg.mode);
-  });
   app.add_option("--momentum", cfg.momentum, "SGD momentum in [0, 1)")
       ->capture_default_str()
       ->check(finite_number<float>())
       ->check(CLI::Range(0.0f, 0.999999f));
-  app.add_option("--weight-decay", cfg.weight_decay, "L2 weight decay")
+  app.add_option("--beta1", cfg.beta1, "AdamW: decay of the first moment, in [0, 1)")
       ->capture_default_str()
       ->check(finite_number<float>())
-      ->check(CLI::Range(0.0f, 1.0f));
+      ->check(CLI::Range(0.0f, 0.999999f));
+  app.add_option("--beta2", cfg.beta2, "AdamW: decay of the second moment, in [0, 1)")
+      ->capture_default_str()
+      ->check(finite_number<float>())
+      ->check(CLI::Range(0.0f, 0.999999f));
+  app.add_option("--eps", cfg.eps, "AdamW: added to the root of the second moment, > 0")
+      ->capture_default_str()
+      ->check(finite_number<float>())
+      ->check(CLI::Range(1e-30f, 1.0f));
+  CLI::Option* weight_decay =
+      app.add_option("--weight-decay", cfg.weight_decay,
+                     fmt::format("Weight decay: sgd adds wd * p to the gradient (default {}), "
+                                 "adamw decays p by lr * wd (default {})",
+                                 kDefaultWeightDecaySgd, kDefaultWeightDecayAdamW))
+          ->check(finite_number<float>())
+          ->check(CLI::Range(0.0f, 1.0f));
+  app.final_callback([lr, weight_decay, &cfg] {
+    if (lr->count() == 0) cfg.lr = default_lr(cfg.mode, cfg.optimizer);
+    if (weight_decay->count() == 0) cfg.weight_decay = default_weight_decay(cfg.optimizer);
+  });
+  app.add_option("--grad-clip", cfg.grad_clip,
+                 "Clip the averaged gradient to this L2 norm (0 = off; async mode: each worker "
+                 "clips its own gradient)")
+      ->capture_default_str()
+      ->check(finite_number<float>())
+      ->check(CLI::Range(0.0f, 1e30f));
+  app.add_option("--lr-schedule", cfg.lr_schedule,
+                 "After the warm-up: constant, or cosine (from --lr down to --min-lr at the last "
+                 "step)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"constant", "cosine"}));
+  app.add_option("--warmup-steps", cfg.warmup_steps,
+                 "Raise the learning rate linearly over the first N steps (0 = none)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{0}, size_t{1'000'000'000}));
+  app.add_option("--min-lr", cfg.min_lr, "Learning rate at the end of --lr-schedule cosine")
+      ->capture_default_str()
+      ->check(finite_number<float>())
+      ->check(CLI::Range(0.0f, 100.0f));
   app.add_option("--seed", cfg.seed, "Seed of initialisation, shuffling and injected delays")
       ->capture_default_str();
   app.add_option("--threads", cfg.threads, "BLAS threads per rank")
@@ -243,6 +289,11 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
       {"--lr", cfg.lr},
       {"--momentum", cfg.momentum},
       {"--weight-decay", cfg.weight_decay},
+      {"--beta1", cfg.beta1},
+      {"--beta2", cfg.beta2},
+      {"--eps", cfg.eps},
+      {"--grad-clip", cfg.grad_clip},
+      {"--min-lr", cfg.min_lr},
       {"--straggler-timeout-ms", cfg.straggler_timeout_ms},
       {"--stall-warning-s", cfg.stall_warning_s},
       {"--stall-abort-s", cfg.stall_abort_s},
@@ -252,6 +303,23 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
     if (!std::isfinite(value)) {
       throw InvalidArgument(fmt::format("{}: must be a finite number, got {}", flag, value));
     }
+  }
+  if (cfg.optimizer != "sgd" && cfg.optimizer != "adamw") {
+    throw InvalidArgument(fmt::format("--optimizer: unknown optimizer '{}' (sgd, adamw)",
+                                      cfg.optimizer));
+  }
+  if (cfg.lr_schedule != "constant" && cfg.lr_schedule != "cosine") {
+    throw InvalidArgument(fmt::format("--lr-schedule: unknown schedule '{}' (constant, cosine)",
+                                      cfg.lr_schedule));
+  }
+  for (const auto& [flag, beta] : {std::pair{"--beta1", cfg.beta1}, {"--beta2", cfg.beta2}}) {
+    if (beta < 0 || beta >= 1) {
+      throw InvalidArgument(fmt::format("{}: must be in [0, 1), got {}", flag, beta));
+    }
+  }
+  if (!(cfg.eps > 0)) throw InvalidArgument(fmt::format("--eps: must be > 0, got {}", cfg.eps));
+  if (cfg.grad_clip < 0 || cfg.min_lr < 0) {
+    throw InvalidArgument("--grad-clip and --min-lr must not be negative");
   }
   if (cfg.backup_workers >= world_size) {
     throw InvalidArgument(fmt::format(
@@ -294,16 +362,20 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
 
 std::string describe(const TrainConfig& c) {
   return fmt::format(
-      "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
-      "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
-      "min-quorum={} stall-warning-s={} stall-abort-s={} coordinator-timeout-s={} inject-delay={} early-catch-up={} "
+      "model={} hidden={} data={} epochs={} steps={} batch-size={} optimizer={} lr={} "
+      "momentum={} beta1={} beta2={} eps={} weight-decay={} grad-clip={} lr-schedule={} "
+      "warmup-steps={} min-lr={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
+      "min-quorum={} stall-warning-s={} stall-abort-s={} coordinator-timeout-s={} "
+      "inject-delay={} early-catch-up={} "
       "segment-kib={} overlap={} bucket-kib={} "
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
-      c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
-      c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
-      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.coordinator_timeout_s, c.inject_delay, c.early_catch_up,
+      c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.optimizer,
+      c.lr, c.momentum, c.beta1, c.beta2, c.eps, c.weight_decay, c.grad_clip, c.lr_schedule,
+      c.warmup_steps, c.min_lr, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
+      c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.coordinator_timeout_s, c.inject_delay,
+      c.early_catch_up,
       c.segment_kib, c.overlap, c.bucket_kib,
       c.ring_timeout_ms, c.mode, c.ps, c.max_staleness, c.device, c.collective,
       c.checkpoint_dir.empty() ? "-" : c.checkpoint_dir, c.checkpoint_every, c.checkpoint_keep,

@@ -22,6 +22,11 @@ namespace resync::runtime {
 // is too large there (README, "Asynchronous mode").
 inline constexpr float kDefaultLrSync = 0.05f;
 inline constexpr float kDefaultLrAsync = 0.02f;
+// AdamW's step is about lr per parameter whatever the gradient's scale: one default for both
+// modes (PyTorch's). Its decoupled weight decay defaults to PyTorch's too; SGD's to none.
+inline constexpr float kDefaultLrAdamW = 1e-3f;
+inline constexpr float kDefaultWeightDecaySgd = 0.0f;
+inline constexpr float kDefaultWeightDecayAdamW = 0.01f;
 
 struct TrainConfig {
   // Model and data.
@@ -34,9 +39,18 @@ struct TrainConfig {
   size_t epochs = 1;
   size_t steps = 0;  // if > 0, overrides --epochs
   size_t batch_size = 64;  // per rank
-  float lr = kDefaultLrSync;  // the command line: default_lr(mode) unless --lr is given
-  float momentum = 0.9f;
-  float weight_decay = 0.0f;
+  std::string optimizer = "sgd";  // sgd | adamw
+  float lr = kDefaultLrSync;  // the command line: default_lr(mode, optimizer) unless --lr is given
+  float momentum = 0.9f;      // SGD
+  float beta1 = 0.9f;         // AdamW
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  // The command line: default_weight_decay(optimizer) unless --weight-decay is given.
+  float weight_decay = kDefaultWeightDecaySgd;
+  float grad_clip = 0.0f;  // largest L2 norm of the averaged gradient; 0 = no clipping
+  std::string lr_schedule = "constant";  // constant | cosine (after the warm-up)
+  size_t warmup_steps = 0;
+  float min_lr = 0.0f;  // where the cosine schedule ends
   uint64_t seed = 1;
   int threads = 1;  // BLAS threads per rank
   // Straggler tolerance (see docs/DESIGN.md, "The life of a step").
@@ -75,8 +89,10 @@ struct TrainConfig {
   double progress_every_s = 30;   // interval of the plain progress line (not a terminal)
 };
 
-// The learning rate of `mode` ("sync" or "async") when --lr is not given.
-float default_lr(const std::string& mode);
+// The learning rate of `mode` ("sync" or "async") and `optimizer` ("sgd" or "adamw") when --lr
+// is not given, and the weight decay of `optimizer` when --weight-decay is not given.
+float default_lr(const std::string& mode, const std::string& optimizer = "sgd");
+float default_weight_decay(const std::string& optimizer);
 
 // Declares the `train` flags on `app` (a CLI11 subcommand), bound to `cfg`, with --config.
 void declare_train_flags(CLI::App& app, TrainConfig& cfg);

@@ -285,7 +285,7 @@ int bench_main(int argc, char** argv) {
   StepBenchConfig st;
   CLI::App* step = app.add_subcommand(
       "step",
-      "Samples/s of one training step (forward, backward, SGD) on one rank, on the cpu "
+      "Samples/s of one training step (forward, backward, SGD or AdamW) on one rank, on the cpu "
       "or a CUDA GPU (then with the cpu figure beside it)");
   step->add_option("--device", st.device, "Where the step runs: cpu or cuda")
       ->check(CLI::IsMember({"cpu", "cuda"}))
@@ -310,6 +310,11 @@ int bench_main(int argc, char** argv) {
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   step->add_option("--seed", st.seed, "Seed of the parameters and the synthetic batch")
+      ->capture_default_str();
+  step->add_option("--optimizer", st.optimizer,
+                   "The update: sgd (lr 0.01, momentum 0.9) or adamw (lr 1e-3, PyTorch's "
+                   "defaults but beta2 0.95)")
+      ->check(CLI::IsMember({"sgd", "adamw"}))
       ->capture_default_str();
 
   try {

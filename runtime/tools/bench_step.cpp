@@ -49,15 +49,16 @@ Batch make_batch(const models::ModelSpec& spec, size_t batch, uint64_t seed) {
 StepFigures measure(Replica& replica, const Batch& batch, const StepBenchConfig& cfg) {
   const size_t n = cfg.batch_size;
   float loss = 0;
+  uint64_t step = 0;
   for (int i = 0; i < cfg.warmup; ++i) {
     loss = replica.compute_gradients(batch.x.data(), batch.y.data(), n);
-    replica.apply_gradients(1.0f);
+    replica.apply_gradients(1.0f, step++);
   }
   // Both calls end synchronised with the device, so wall time is the step's time.
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < cfg.iters; ++i) {
     loss = replica.compute_gradients(batch.x.data(), batch.y.data(), n);
-    replica.apply_gradients(1.0f);
+    replica.apply_gradients(1.0f, step++);
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -82,7 +83,13 @@ int run_step_bench(const StepBenchConfig& cfg) {
   models::ModelSpec spec;  // Fashion-MNIST's shape: 1x28x28, 10 classes
   spec.name = cfg.model;
   spec.hidden = cfg.hidden;
-  const kernels::SgdHyper hyper{.lr = 0.01f, .momentum = 0.9f, .weight_decay = 0.0f};
+  OptimizerConfig hyper = kernels::SgdHyper{.lr = 0.01f, .momentum = 0.9f, .weight_decay = 0.0f};
+  if (cfg.optimizer == "adamw") {
+    hyper = OptimizerConfig{};
+    hyper.kind = OptimizerKind::kAdamW;
+    hyper.lr = 1e-3f;
+    hyper.weight_decay = 0.01f;
+  }
   kernels::set_blas_threads(cfg.threads);
 
   // Built before anything is printed: a device that cannot be used fails with one line only.
@@ -95,9 +102,10 @@ int run_step_bench(const StepBenchConfig& cfg) {
   const Batch batch = make_batch(spec, cfg.batch_size, cfg.seed);
 
   std::printf(
-      "# resync bench step: compute_gradients + apply_gradients (SGD momentum) on one "
+      "# resync bench step: compute_gradients + apply_gradients (%s) on one "
       "rank, seeded synthetic %zux%zux%zu batches, %zu classes\n",
-      spec.in_channels, spec.in_height, spec.in_width, spec.n_classes);
+      cfg.optimizer == "adamw" ? "AdamW" : "SGD momentum", spec.in_channels, spec.in_height,
+      spec.in_width, spec.n_classes);
   std::printf("# %d warm-up steps, then %d timed; BLAS threads (cpu) %d\n", cfg.warmup, cfg.iters,
               cfg.threads);
   std::printf("# %-8s %6s %6s %12s %14s %10s   %s\n", "device", "batch", "iters", "ms/step",

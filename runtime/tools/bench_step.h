@@ -18,6 +18,7 @@ struct StepBenchConfig {
   int warmup = 3;   // untimed steps first (allocations, cuBLAS heuristics, caches)
   int threads = 1;  // BLAS threads of the CPU replica
   uint64_t seed = 1;
+  std::string optimizer = "sgd";  // sgd | adamw
 };
 
 // Prints a small table to stdout and returns 0. Throws DeviceError ("no CUDA device is available

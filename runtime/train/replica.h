@@ -10,7 +10,7 @@
 #include <string>
 
 #include "base/state_layout.h"
-#include "kernels/sgd.h"
+#include "runtime/train/optimizer.h"
 #include "models/model.h"
 
 namespace resync::runtime {
@@ -58,8 +58,10 @@ class Replica {
   virtual bool place_state(std::span<float> storage) = 0;
 
   // Applies the gradient now in the gradient buffer, scaled by grad_scale (1/|participants| for
-  // a summed gradient), with SGD-momentum on the device where the parameters live.
-  virtual void apply_gradients(float grad_scale) = 0;
+  // a summed gradient), as the update of training step `step` (0-based: AdamW's bias correction
+  // and the learning-rate schedule depend on it), with the optimizer on the device where the
+  // parameters live.
+  virtual void apply_gradients(float grad_scale, uint64_t step) = 0;
 
   // Host views of the full state, one span per StateLayout part (parameters first), for
   // checksums, catch-up transfers and checkpoints. On CUDA they are a host mirror:
@@ -69,11 +71,12 @@ class Replica {
   virtual std::span<const std::span<float>> host_state() = 0;
   virtual void download_state() = 0;
   virtual void upload_state() = 0;
-  // On the host view: the parameters after an update whose optimizer buffers host_state()
-  // already holds, from the parameters before it (bit for bit what the update computed). A
+  // On the host view: the parameters after the update of training step `step` whose optimizer
+  // buffers host_state() already holds, from the parameters before it (bit for bit what the
+  // update computed: SGD's p -= lr * v, AdamW's decay and bias-corrected step from m and v). A
   // late rank one step behind receives only the optimizer buffers and calls this; then
   // upload_state().
-  virtual void apply_update_from_optimizer_state() = 0;
+  virtual void apply_update_from_optimizer_state(uint64_t step) = 0;
 
   // Forward only on host inputs (0 <= n <= max_batch): summed loss, correct count and n.
   virtual models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) = 0;
@@ -95,7 +98,7 @@ class Replica {
 // (...)", "... layer 'tanh 64' has no cuda implementation", or an out-of-memory message.
 std::unique_ptr<Replica> make_replica(const std::string& device, const models::ModelSpec& spec,
                                       size_t max_batch, uint64_t seed,
-                                      const kernels::SgdHyper& hyper, int local_rank);
+                                      const OptimizerConfig& optimizer, int local_rank);
 
 // How a training loop on GPUs exchanges gradients, decided from the flags and the MPI library:
 // --collective nccl all-reduces on the device; the ring (needed for backup workers and timeouts)

@@ -1,15 +1,18 @@
 // The CUDA replica: a models::cuda::DeviceModel run from the device plan of the registered model
-// (models/device_plan.h), with parameters, gradients and velocity in device memory, SGD-momentum
-// on the device, and pinned host buffers for the batch, the gradient and the state mirror.
+// (models/device_plan.h), with parameters, gradients and optimizer state (SGD's velocity or
+// AdamW's moments) in device memory, the update on the device, and pinned host buffers for the
+// batch, the gradient and the state mirror.
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
 
 #include <cstring>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "base/error.h"
 #include "kernels/cuda/context.h"
+#include "kernels/cuda/adamw.h"
 #include "kernels/cuda/sgd.h"
 #include "models/cuda/device_model.h"
 #include "models/device_plan.h"
@@ -18,7 +21,7 @@
 namespace resync::runtime {
 
 std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t max_batch,
-                                           uint64_t seed, const kernels::SgdHyper& hyper,
+                                           uint64_t seed, const OptimizerConfig& optimizer,
                                            int local_rank);
 
 namespace {
@@ -61,18 +64,18 @@ class CudaReplica final : public Replica {
  public:
   // plan: models::make_device_plan(spec), the layers of the model that make_model builds.
   CudaReplica(models::DevicePlan plan, const models::ModelSpec& spec, size_t max_batch,
-              uint64_t seed, const kernels::SgdHyper& hyper, int device)
+              uint64_t seed, const OptimizerConfig& optimizer, int device)
       // Device memory first: a model too large for the GPU fails here, before the host copy of
       // it below is allocated.
       : ctx_(device),
-        hyper_(hyper),
+        optimizer_(optimizer),
         model_(std::move(plan), max_batch),
         max_batch_(max_batch),
         input_size_(model_.input_size()),
         n_params_(model_.n_params()) {
     params_ = cuda::DeviceBuffer<float>(n_params_);
     grads_ = cuda::DeviceBuffer<float>(n_params_);
-    velocity_ = cuda::DeviceBuffer<float>(n_params_);
+    for (size_t j = 0; j < optimizer_.n_buffers(); ++j) state_.emplace_back(n_params_);
     model_.bind(params_.data(), grads_.data());
     x_ = cuda::DeviceBuffer<float>(max_batch * input_size_);
     labels_ = cuda::DeviceBuffer<int32_t>(max_batch);
@@ -81,8 +84,11 @@ class CudaReplica final : public Replica {
     labels_host_ = std::make_unique<PinnedBuffer<int32_t>>(max_batch);
     grads_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
     params_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
-    velocity_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
-    host_state_ = {params_host_->span(), velocity_host_->span()};
+    host_state_ = {params_host_->span()};
+    for (size_t j = 0; j < optimizer_.n_buffers(); ++j) {
+      state_host_.push_back(std::make_unique<PinnedBuffer<float>>(n_params_));
+      host_state_.push_back(state_host_.back()->span());
+    }
 
     // The CPU model draws the initial parameters: copying them up makes a CUDA run start
     // exactly where a CPU run with the same seed does.
@@ -99,7 +105,7 @@ class CudaReplica final : public Replica {
 
     const std::span<const float> initial = cpu->params();
     std::memcpy(params_host_->data(), initial.data(), initial.size_bytes());
-    std::memset(velocity_host_->data(), 0, n_params_ * sizeof(float));
+    for (auto& buffer : state_host_) std::memset(buffer->data(), 0, n_params_ * sizeof(float));
     std::memset(grads_host_->data(), 0, n_params_ * sizeof(float));
     upload_state();
   }
@@ -128,17 +134,26 @@ class CudaReplica final : public Replica {
   }
   // The live state is device memory; peers get it through download_state() and host_state().
   StateLayout state_layout() const override {
-    return {.n_params = n_params_, .n_optimizer_buffers = 1};  // SGD's velocity
+    return {.n_params = n_params_, .n_optimizer_buffers = optimizer_.n_buffers()};
   }
   bool place_state(std::span<float> /*storage*/) override { return false; }
 
-  void apply_gradients(float grad_scale) override {
+  void apply_gradients(float grad_scale, uint64_t step) override {
     ctx_.make_current();
     if (location_ == GradientLocation::kHost) {
       cuda::upload(std::span<const float>(grads_host_->span()), grads_.data(), ctx_.stream());
     }
-    cuda::sgd_momentum_update(ctx_.stream(), params_.data(), velocity_.data(), grads_.data(),
-                              n_params_, grad_scale, hyper_);
+    if (optimizer_.grad_clip > 0) {
+      grad_scale = optimizer_.clipped_scale(
+          cuda::sum_of_squares(ctx_.stream(), grads_.data(), n_params_), grad_scale);
+    }
+    if (optimizer_.kind == OptimizerKind::kAdamW) {
+      cuda::adamw_update(ctx_.stream(), params_.data(), state_[0].data(), state_[1].data(),
+                         grads_.data(), n_params_, grad_scale, optimizer_.adamw_at(step));
+    } else {
+      cuda::sgd_momentum_update(ctx_.stream(), params_.data(), state_[0].data(), grads_.data(),
+                                n_params_, grad_scale, optimizer_.sgd_at(step));
+    }
     // Waiting here keeps the contract simple: once this returns, the host may write the
     // gradient buffer again and a kernel fault is reported by the step that caused it.
     ctx_.synchronize();
@@ -147,22 +162,35 @@ class CudaReplica final : public Replica {
   std::span<const std::span<float>> host_state() override {
     return host_state_;
   }
-  void apply_update_from_optimizer_state() override {
-    kernels::sgd_apply_velocity(params_host_->span(), velocity_host_->span(), hyper_.lr);
+  // On the host mirror with the CPU kernels. AdamW's device kernels are built without fused
+  // multiply-adds, so this repeats the device update bit for bit; SGD's may differ in the last
+  // bits (a catch-up then leaves the late rank within rounding of the donor).
+  void apply_update_from_optimizer_state(uint64_t step) override {
+    if (optimizer_.kind == OptimizerKind::kAdamW) {
+      kernels::adamw_apply_moments(params_host_->span(), host_state_[1], host_state_[2],
+                                   optimizer_.adamw_at(step));
+    } else {
+      kernels::sgd_apply_velocity(params_host_->span(), host_state_[1], optimizer_.lr_at(step));
+    }
   }
 
   void download_state() override {
     ctx_.make_current();
     cuda::download(static_cast<const float*>(params_.data()), params_host_->span(), ctx_.stream());
-    cuda::download(static_cast<const float*>(velocity_.data()), velocity_host_->span(),
-                   ctx_.stream());
+    for (size_t j = 0; j < state_.size(); ++j) {
+      cuda::download(static_cast<const float*>(state_[j].data()), state_host_[j]->span(),
+                     ctx_.stream());
+    }
     ctx_.synchronize();
   }
 
   void upload_state() override {
     ctx_.make_current();
     cuda::upload(std::span<const float>(params_host_->span()), params_.data(), ctx_.stream());
-    cuda::upload(std::span<const float>(velocity_host_->span()), velocity_.data(), ctx_.stream());
+    for (size_t j = 0; j < state_.size(); ++j) {
+      cuda::upload(std::span<const float>(state_host_[j]->span()), state_[j].data(),
+                   ctx_.stream());
+    }
     ctx_.synchronize();
   }
 
@@ -200,7 +228,7 @@ class CudaReplica final : public Replica {
   }
 
   cuda::CudaContext ctx_;  // first: the device buffers below are freed before the stream
-  kernels::SgdHyper hyper_;
+  OptimizerConfig optimizer_;
   models::cuda::DeviceModel model_;  // holds views of params_ and grads_
   size_t max_batch_;
   size_t input_size_;
@@ -209,7 +237,8 @@ class CudaReplica final : public Replica {
   std::string model_description_;
   GradientLocation location_ = GradientLocation::kHost;
 
-  cuda::DeviceBuffer<float> params_, grads_, velocity_;
+  cuda::DeviceBuffer<float> params_, grads_;
+  std::vector<cuda::DeviceBuffer<float>> state_;  // the optimizer's buffers
   cuda::DeviceBuffer<float> x_;
   cuda::DeviceBuffer<int32_t> labels_;
 
@@ -217,14 +246,14 @@ class CudaReplica final : public Replica {
   std::unique_ptr<PinnedBuffer<int32_t>> labels_host_;
   std::unique_ptr<PinnedBuffer<float>> grads_host_;
   std::unique_ptr<PinnedBuffer<float>> params_host_;
-  std::unique_ptr<PinnedBuffer<float>> velocity_host_;
-  std::array<std::span<float>, 2> host_state_;  // what host_state() returns
+  std::vector<std::unique_ptr<PinnedBuffer<float>>> state_host_;
+  std::vector<std::span<float>> host_state_;  // what host_state() returns
 };
 
 }  // namespace
 
 std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t max_batch,
-                                           uint64_t seed, const kernels::SgdHyper& hyper,
+                                           uint64_t seed, const OptimizerConfig& optimizer,
                                            int local_rank) {
   // The plan first: a layer cuda cannot run is named in the error, with or without a device.
   models::DevicePlan plan = models::make_device_plan(spec, "cuda");
@@ -234,7 +263,7 @@ std::unique_ptr<Replica> make_cuda_replica(const models::ModelSpec& spec, size_t
   }
   RESYNC_CHECK_ARG(local_rank >= 0, fmt::format("local rank {} is negative", local_rank));
   // Ranks of a node take the visible devices round robin: with more ranks than GPUs they share.
-  return std::make_unique<CudaReplica>(std::move(plan), spec, max_batch, seed, hyper,
+  return std::make_unique<CudaReplica>(std::move(plan), spec, max_batch, seed, optimizer,
                                        local_rank % query.n_devices);
 }
 

@@ -145,7 +145,8 @@ bool StepExecutor::participate(StepOrder& order) {
   {
     StableState::Change change(stable_);
     if (board_) board_->begin_update();
-    state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())));
+    state_.apply_update(1.0f / float(std::max<size_t>(1, order.participants.size())),
+                        order.step);
     if (board_) board_->publish(order.step + 1);
     change.done(order.step + 1);
   }
@@ -213,11 +214,20 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
                 e.what());
       return std::nullopt;
     }
-    if (order.velocity_only) state_.apply_update_from_optimizer_state();
+    // The donor's state is version header.step: the update it holds is that of step - 1.
+    if (order.velocity_only) {
+      if (header.step == 0) {
+        log->warn("catch-up from rank {} after step {}: optimizer state of step 0; asking again",
+                  order.donor, order.step);
+        return std::nullopt;
+      }
+      state_.apply_update_from_optimizer_state(header.step - 1);
+    }
     const std::array<uint64_t, 2> sums = state_checksums();
     if (header.user[0] != sums[0] || header.user[1] != sums[1]) {
       log->warn("catch-up from rank {} after step {} arrived torn; asking again", order.donor,
                 order.step);
+      ++torn_catch_ups_;
       return std::nullopt;
     }
     state_.upload_state();
@@ -229,7 +239,10 @@ std::optional<uint64_t> StepExecutor::catch_up(const StepOrder& order, uint64_t 
   steps_skipped_ += *version - from_step;
   ++catch_ups_;
   log->debug("caught up from rank {}{}: step {} -> {}", order.donor,
-             order.shared ? " (shared memory)" : "", from_step, *version);
+             order.shared          ? " (shared memory)"
+             : order.velocity_only ? " (optimizer state only)"
+                                   : "",
+             from_step, *version);
   return version;
 }
 

@@ -32,16 +32,18 @@ class StepState {
   // After a failed all-reduce, whose partial sum is in gradient(): this step's gradient again
   // (same parameters, same batch: the same bits).
   virtual void recompute_gradient() = 0;
-  // The update with the summed gradient times grad_scale (1/|participants|).
-  virtual void apply_update(float grad_scale) = 0;
+  // The update of training step `step` with the summed gradient times grad_scale
+  // (1/|participants|).
+  virtual void apply_update(float grad_scale, uint64_t step) = 0;
   // The state that catch-ups move, as StateLayout's parts (parameters first) in host memory:
   // download_state() before reading them, upload_state() after writing them.
   virtual StateLayout layout() const = 0;
   virtual std::span<const std::span<float>> host_state() = 0;
   virtual void download_state() = 0;
   virtual void upload_state() = 0;
-  // On the host view: the parameters after the update whose optimizer buffers it now holds.
-  virtual void apply_update_from_optimizer_state() = 0;
+  // On the host view: the parameters after the update of training step `step`, whose optimizer
+  // buffers it now holds.
+  virtual void apply_update_from_optimizer_state(uint64_t step) = 0;
 };
 
 // Sums the gradient over a step's all-reduce members (ascending world ranks), in place.
@@ -119,6 +121,9 @@ class StepExecutor {
   uint64_t passive_steps() const { return passive_steps_; }
   // Whether the state is complete, and at which step: what a rescue may save (rescue.h).
   StableState& stable_state() { return stable_; }
+  // Catch-ups whose state failed the checksums (a torn transfer, or parameters recomputed from
+  // the optimizer buffers that differ from the donor's) and were asked for again.
+  uint64_t torn_catch_ups() const { return torn_catch_ups_; }
 
  private:
   collectives::StepOrder await_order(uint64_t step, double delay_ms);
@@ -148,6 +153,7 @@ class StepExecutor {
   uint64_t steps_skipped_ = 0;
   uint64_t passive_steps_ = 0;
   StableState stable_{0};
+  uint64_t torn_catch_ups_ = 0;
 };
 
 }  // namespace resync::runtime

@@ -88,7 +88,8 @@ CheckpointMeta checkpoint_meta(const Setup& s, uint64_t step) {
           .model = s.replica->model_description(),
           .world_size = s.world,
           .seed = s.cfg.seed,
-          .batch_size = s.cfg.batch_size};
+          .batch_size = s.cfg.batch_size,
+          .optimizer = s.cfg.optimizer};
 }
 
 ResumePoint restore_checkpoint(const Setup& s, std::span<const std::span<float>> state) {
@@ -112,6 +113,11 @@ ResumePoint restore_checkpoint(const Setup& s, std::span<const std::span<float>>
   CheckpointMeta meta;
   agreed(s.rank, s.world, [&] {
     Checkpoint c = latest ? std::move(latest->checkpoint) : read_checkpoint(path);
+    if (c.meta.optimizer != cfg.optimizer) {
+      throw InvalidArgument(fmt::format("--resume: checkpoint {} was written with --optimizer {}, "
+                                        "this run uses --optimizer {}",
+                                        path, c.meta.optimizer, cfg.optimizer));
+    }
     restore_state(c, path, s.replica->model_description(), s.replica->state_layout(), state);
     meta = std::move(c.meta);
   });

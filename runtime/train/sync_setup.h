@@ -73,13 +73,15 @@ class ReplicaStepState final : public StepState {
   void recompute_gradient() override {
     replica_.compute_gradients(s_.x.data(), s_.y.data(), s_.cfg.batch_size);
   }
-  void apply_update(float grad_scale) override { replica_.apply_gradients(grad_scale); }
+  void apply_update(float grad_scale, uint64_t step) override {
+    replica_.apply_gradients(grad_scale, step);
+  }
   StateLayout layout() const override { return replica_.state_layout(); }
   std::span<const std::span<float>> host_state() override { return replica_.host_state(); }
   void download_state() override { replica_.download_state(); }
   void upload_state() override { replica_.upload_state(); }
-  void apply_update_from_optimizer_state() override {
-    replica_.apply_update_from_optimizer_state();
+  void apply_update_from_optimizer_state(uint64_t step) override {
+    replica_.apply_update_from_optimizer_state(step);
   }
 
  private:

@@ -34,7 +34,7 @@
 #include "collectives/transport/mpi_transport.h"
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
-#include "kernels/sgd.h"
+#include "kernels/adamw.h"
 #include "models/model.h"
 #include "runtime/train/async_checkpoint.h"
 #include "runtime/train/checksum.h"
@@ -96,6 +96,7 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::
   std::span<float> params = model.params();
   std::span<float> grads = model.grads();
   collectives::ParameterClient client(ctx, layout, rank_range(0, cfg.ps));
+  const OptimizerConfig clip = optimizer_config(cfg, s.total_steps);
   WorkerCounts counts;
   double prev_exchange_ms = 0;
   if (first_step > 0) client.pull(params);  // a resumed run: the servers' restored shards
@@ -114,6 +115,14 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::
               : std::array<double, 4>{loss, 0, 0, 0};
       client.versions_behind(step, report);
       throw non_finite_error(report, step, s.rank, /*reported_by_peer=*/true);
+    }
+    // --grad-clip: each worker clips its own gradient by its global norm before the push (the
+    // servers each see one shard only).
+    if (clip.grad_clip > 0) {
+      const float f = clip.clipped_scale(kernels::sum_of_squares(grads), 1.0f);
+      if (f != 1.0f) {
+        for (float& g : grads) g *= f;
+      }
     }
     const double compute_ms = ms_since(t0);
 
@@ -285,12 +294,16 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   uint64_t first_step = 0;
   if (!cfg.checkpoint_dir.empty()) {
     if (server) {
-      shard_ckpt.emplace(cfg.checkpoint_dir, rank, cfg.ps, layout.slice(params, rank),
-                         layout.slice(s.optimizer.state(), rank),
+      std::vector<std::span<float>> parts = {layout.slice(params, rank)};
+      for (size_t j = 0; j < s.optimizer.n_buffers(); ++j) {
+        parts.push_back(layout.slice(s.optimizer.buffer(j), rank));
+      }
+      shard_ckpt.emplace(cfg.checkpoint_dir, rank, cfg.ps, std::move(parts),
                          CheckpointMeta{.model = model.describe(),
                                         .world_size = world,
                                         .seed = cfg.seed,
-                                        .batch_size = cfg.batch_size},
+                                        .batch_size = cfg.batch_size,
+                                        .optimizer = cfg.optimizer},
                          cfg.checkpoint_keep);
       if (cfg.resume) first_step = shard_ckpt->restore().value_or(0);
     }
@@ -328,12 +341,14 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   // A failed MPI or control call here means a rank died: rescue (rescue.h) while the state lives.
   try {
     if (server) {
-      // Each server applies the same momentum SGD as sync mode to its shard, one gradient at a
-      // time (no averaging: every gradient is its own update, as in Downpour SGD).
+      // Each server applies the same optimizer as sync mode to its shard (SGD: the velocity's
+      // shard; AdamW: the moments' shards), one gradient at a time (no averaging: every gradient
+      // is its own update, as in Downpour SGD). The update count is the server's own: AdamW's
+      // bias correction and the learning-rate schedule follow it.
       std::span<float> shard = layout.slice(params, rank);
-      std::span<float> velocity = layout.slice(s.optimizer.state(), rank);
-      const kernels::SgdHyper hyper{cfg.lr, cfg.momentum, cfg.weight_decay};
-      uint64_t updates = 0;  // this server's version: names the update a bad gradient was for
+      // This server's version: names the update a bad gradient was for. A resumed run counts
+      // on from the updates every worker's pushes up to the resume point made.
+      uint64_t updates = first_step * uint64_t(n_workers);
       std::vector<int> clients = rank_range(cfg.ps, world);
       if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
       if (rank == 0) monitor.emplace(s, ctx, layout, start);
@@ -347,10 +362,10 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
             check_finite_values(grad, "gradient received by the parameter server", updates, rank);
             if (shard_ckpt) {
               StableState::Change change(shard_ckpt->stable());
-              kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+              s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
               change.done(shard_ckpt->progress());
             } else {
-              kernels::sgd_momentum_update(shard, velocity, grad, 1.0f, hyper);
+              s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
             }
             ++updates;
             if (shard_ckpt && cfg.checkpoint_every > 0 && updates % cfg.checkpoint_every == 0) {

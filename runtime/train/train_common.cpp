@@ -15,16 +15,41 @@ Setup::Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard,
       world(world_),
       delay_spec(parse_delay_spec(c.inject_delay)),
       data(load_data(c.data, c.seed, c.synthetic_train, c.synthetic_test)),
-      model(c.mode == "sync" ? nullptr : models::make_model(model_spec(), c.batch_size, c.seed)),
-      optimizer(model ? model->n_params() : 0, {c.lr, c.momentum, c.weight_decay}),
-      replica(c.mode == "sync" ? make_replica(c.device, model_spec(), c.batch_size, c.seed,
-                                              {c.lr, c.momentum, c.weight_decay}, local_rank)
-                               : nullptr),
       sampler(data.train.n_samples(), shard.count, shard.index, c.batch_size, c.seed),
       total_steps(c.steps > 0 ? c.steps : uint64_t(c.epochs) * sampler.steps_per_epoch()),
+      model(c.mode == "sync" ? nullptr : models::make_model(model_spec(), c.batch_size, c.seed)),
+      // Async: every push is an update of each server's shard, so a server makes about
+      // total_steps x workers of them.
+      optimizer(model ? model->n_params() : 0,
+                [&] {
+                  OptimizerConfig o = optimizer_config(c, total_steps * uint64_t(shard.count));
+                  o.grad_clip = 0;
+                  return o;
+                }()),
+      replica(c.mode == "sync" ? make_replica(c.device, model_spec(), c.batch_size, c.seed,
+                                              optimizer_config(c, total_steps), local_rank)
+                               : nullptr),
       metrics(rank_ == 0 ? c.metrics : std::string(), c.resume),
       x(c.batch_size * data.train.n_features()),
       y(c.batch_size) {}
+
+OptimizerConfig optimizer_config(const TrainConfig& cfg, uint64_t total_updates) {
+  OptimizerConfig o;
+  o.kind = parse_optimizer(cfg.optimizer);
+  o.lr = cfg.lr;
+  o.momentum = cfg.momentum;
+  o.beta1 = cfg.beta1;
+  o.beta2 = cfg.beta2;
+  o.eps = cfg.eps;
+  o.weight_decay = cfg.weight_decay;
+  o.grad_clip = cfg.grad_clip;
+  o.schedule = {.kind = cfg.lr_schedule == "cosine" ? LrScheduleKind::kCosine
+                                                     : LrScheduleKind::kConstant,
+                .warmup_steps = cfg.warmup_steps,
+                .min_lr = cfg.min_lr,
+                .total_steps = total_updates};
+  return o;
+}
 
 models::ModelSpec Setup::model_spec() const {
   models::ModelSpec spec;

@@ -44,11 +44,13 @@ struct Setup {
   int world;
   DelaySpec delay_spec;
   DataSplits data;
-  std::unique_ptr<models::Model> model;  // async mode: the host model it computes on
-  SgdOptimizer optimizer;                // async mode (empty in sync mode)
-  std::unique_ptr<Replica> replica;      // sync mode: model + optimizer on --device
   ShardSampler sampler;
   uint64_t total_steps;  // steps of this rank's shard (--steps or --epochs)
+  std::unique_ptr<models::Model> model;  // async mode: the host model it computes on
+  // Async mode: the servers' optimizer over the whole parameter buffer, each server updating
+  // its shard (empty in sync mode). Its clipping is off: each worker clips its own gradient.
+  Optimizer optimizer;
+  std::unique_ptr<Replica> replica;      // sync mode: model + optimizer on --device
   MetricsWriter metrics;  // rank 0 only; a no-op elsewhere
   std::vector<float> x;  // one mini-batch of inputs
   std::vector<int32_t> y;
@@ -71,6 +73,9 @@ class PeerDeviceFailed : public SetupDeviceError {
  public:
   PeerDeviceFailed() : SetupDeviceError("another rank could not set up its device") {}
 };
+
+// The optimizer of `cfg` for a run of `total_updates` updates (the end of the cosine schedule).
+OptimizerConfig optimizer_config(const TrainConfig& cfg, uint64_t total_updates);
 
 // Builds the Setup on every rank and agrees on success (collective over MPI_COMM_WORLD), so that
 // no rank starts training while another one has already given up. `extra_checks` runs first,

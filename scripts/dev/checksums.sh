@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints the final param_checksum of fixed-seed runs that a restructure must not change: plain
 # sync at np 1-4, backup workers without injected delays, and a checkpoint/resume pair (which must
-# also equal the straight run). Compare the output before and after a change:
+# also equal the straight run); then the same kinds of runs with AdamW. Compare the output before
+# and after a change:
 #   scripts/dev/checksums.sh build/default/runtime/resync > after.txt; diff before.txt after.txt
 # With backup workers the participants of a step depend on arrival order, so that line is only
 # stable where every step closes with the same ranks (it prints three runs to show it).
@@ -26,3 +27,11 @@ for model in mlp cnn; do run 2 "sync np 2 $model, 2 epochs" --model "$model" --e
 rm -rf "$tmp/ckpt"
 run 2 "checkpoint: 1 epoch" --epochs 1 --checkpoint-dir "$tmp/ckpt"
 run 2 "resume: + 1 epoch" --epochs 2 --checkpoint-dir "$tmp/ckpt" --resume
+# AdamW (warm-up, clipping; the cosine run checkpointed every 25 steps and resumed at 25).
+ADAMW=(--optimizer adamw --lr 0.003 --grad-clip 1 --warmup-steps 5)
+for np in 1 3; do run "$np" "adamw np $np, 60 steps, cosine" "${ADAMW[@]}" --steps 60 \
+  --lr-schedule cosine --min-lr 0.0003; done
+rm -rf "$tmp/ckpt"
+run 2 "adamw checkpoint: 1 epoch" "${ADAMW[@]}" --epochs 1 --checkpoint-dir "$tmp/ckpt"
+run 2 "adamw resume: + 1 epoch" "${ADAMW[@]}" --epochs 2 --checkpoint-dir "$tmp/ckpt" --resume
+run 2 "adamw 2 epochs straight (= resume)" "${ADAMW[@]}" --epochs 2

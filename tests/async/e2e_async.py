@@ -207,6 +207,34 @@ def scenario_one_worker_equals_sync():
             fail(f"np {np} --ps {ps}: accuracy {got['test_accuracy']} != {ref['test_accuracy']}")
 
 
+ADAMW = ["--optimizer", "adamw", "--grad-clip", "1", "--warmup-steps", "5", "--lr-schedule",
+         "cosine", "--min-lr", "0.0002"]
+
+
+def scenario_adamw():
+    # Servers keep AdamW's moments per shard and count their own updates (bias correction,
+    # schedule); each worker clips its own gradient. Two servers, two workers: it trains.
+    spe = 4000 // 2 // 32
+    rows = train(4, quick("0.002") + ADAMW + ["--ps", "2", "--epochs", "2"], "adamw")
+    s, steps, _ = check_common(rows, 4, 2, 2 * spe)
+    losses = [r["loss"] for r in sorted(steps, key=lambda r: (r["step"], r["worker"]))]
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    if not last < 0.5 * first:
+        fail(f"AdamW in async mode: mean loss of the first 20 pushes {first:.3f}, of the last 20 "
+             f"{last:.3f}")
+    if not s["test_accuracy"] > 0.85:
+        fail(f"AdamW in async mode: test accuracy {s['test_accuracy']}")
+    # One worker: the servers' AdamW (clipping on the worker, the schedule over its updates) is
+    # sync mode's on one rank, bit for bit, also sharded.
+    args = quick("0.002")[2:] + ADAMW + ["--steps", "60", "--seed", "7"]
+    ref = summary(train(1, args, "adamw_sync1"))
+    for np, ps in ((2, 1), (3, 2)):
+        got = summary(train(np, ["--mode", "async", "--ps", str(ps)] + args, f"adamw_async{np}"))
+        if got["param_checksum"] != ref["param_checksum"]:
+            fail(f"AdamW np {np} --ps {ps}: checksum {got['param_checksum']}, sync on one rank "
+                 f"{ref['param_checksum']}")
+
+
 def scenario_bad_input():
     cases = [
         (2, ["train"] + QUICK + ["--ps", "2"], "--ps"),        # S = W: no worker

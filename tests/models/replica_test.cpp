@@ -1,6 +1,6 @@
-// The Replica without a GPU: the CPU replica reproduces models::Model + SgdOptimizer bit for bit,
-// also with its state and gradient placed in caller storage; make_replica's argument and
-// no-CUDA/no-device errors, and the GPU exchange choice.
+// The Replica without a GPU: the CPU replica reproduces models::Model + Optimizer (SGD, AdamW)
+// bit for bit, also with its state and gradient placed in caller storage; make_replica's
+// argument and no-CUDA/no-device errors, and the GPU exchange choice.
 #include "runtime/train/replica.h"
 
 #include <gtest/gtest.h>
@@ -55,7 +55,7 @@ models::ModelSpec small_spec(const std::string& name) {
 
 class CpuReplicaTest : public ::testing::TestWithParam<std::string> {};
 
-// The reference is what the training loop did before replicas: the Model and an SgdOptimizer.
+// The reference is what the training loop did before replicas: the Model and an SGD Optimizer.
 TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
   const models::ModelSpec spec = small_spec(GetParam());
   const size_t max_batch = 6;
@@ -64,7 +64,7 @@ TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
 
   std::unique_ptr<Replica> replica = make_replica("cpu", spec, max_batch, seed, hyper, 0);
   std::unique_ptr<models::Model> model = models::make_model(spec, max_batch, seed);
-  SgdOptimizer optimizer(model->n_params(), hyper);
+  Optimizer optimizer(model->n_params(), hyper);
   ASSERT_EQ(replica->n_params(), model->n_params());
   ASSERT_EQ(replica->max_batch(), max_batch);
   expect_same_bits(replica->host_state()[0], model->params(), "initial parameters");
@@ -81,8 +81,8 @@ TEST_P(CpuReplicaTest, BitIdenticalToModelAndOptimizer) {
     // The all-reduce sums in place in the gradient buffer: mimic a sum over two ranks.
     for (float& g : replica->gradient_buffer()) g *= 2.0f;
     for (float& g : model->grads()) g *= 2.0f;
-    replica->apply_gradients(0.5f);
-    optimizer.step(model->params(), model->grads(), 0.5f);
+    replica->apply_gradients(0.5f, step);
+    optimizer.step(model->params(), model->grads(), 0.5f, step);
     replica->download_state();
     const auto state = replica->host_state();
     expect_same_bits(state[0], model->params(), "parameters after step " + std::to_string(step));
@@ -104,7 +104,7 @@ TEST_P(CpuReplicaTest, ComputingAGradientAgainOverAPartialSumGivesTheSameBits) {
   std::unique_ptr<Replica> replica = make_replica("cpu", spec, 6, 5, hyper, 0);
   const Batch warm = seeded_batch(spec, 6, 40);
   replica->compute_gradients(warm.x.data(), warm.y.data(), 6);
-  replica->apply_gradients(1.0f);  // momentum and parameters away from their initial values
+  replica->apply_gradients(1.0f, 0);  // momentum and parameters away from their initial values
   const Batch b = seeded_batch(spec, 6, 41);
   const float loss = replica->compute_gradients(b.x.data(), b.y.data(), 6);
   const std::vector<float> first(replica->gradient_buffer().begin(),
@@ -123,7 +123,7 @@ TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
   std::unique_ptr<Replica> b = make_replica("cpu", spec, 4, 2, hyper, 0);
   const Batch batch = seeded_batch(spec, 4, 5);
   a->compute_gradients(batch.x.data(), batch.y.data(), 4);
-  a->apply_gradients(1.0f);
+  a->apply_gradients(1.0f, 0);
   // b catches up with a's state, then both take the same step.
   a->download_state();
   for (size_t k = 0; k < 2; ++k) {
@@ -134,8 +134,8 @@ TEST_P(CpuReplicaTest, HostStateAliasesLiveState) {
   const float loss_a = a->compute_gradients(batch.x.data(), batch.y.data(), 4);
   const float loss_b = b->compute_gradients(batch.x.data(), batch.y.data(), 4);
   EXPECT_EQ(bits_of(loss_a), bits_of(loss_b));
-  a->apply_gradients(1.0f);
-  b->apply_gradients(1.0f);
+  a->apply_gradients(1.0f, 1);
+  b->apply_gradients(1.0f, 1);
   expect_same_bits(b->host_state()[0], a->host_state()[0], "parameters after catch-up");
   expect_same_bits(b->host_state()[1], a->host_state()[1], "velocity after catch-up");
 }
@@ -150,11 +150,13 @@ TEST_P(CpuReplicaTest, UpdateFromOptimizerStateMatchesTheDonorsUpdate) {
   for (int step = 0; step < 3; ++step) {
     const Batch batch = seeded_batch(spec, 4, 60 + step);
     donor->compute_gradients(batch.x.data(), batch.y.data(), 4);
-    donor->apply_gradients(1.0f);
+    donor->apply_gradients(1.0f, step);
     const auto from = donor->host_state();
     const auto to = late->host_state();
-    for (size_t k = 1; k < from.size(); ++k) std::copy(from[k].begin(), from[k].end(), to[k].begin());
-    late->apply_update_from_optimizer_state();
+    for (size_t k = 1; k < from.size(); ++k) {
+      std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    }
+    late->apply_update_from_optimizer_state(step);
     expect_same_bits(to[0], from[0], "parameters after step " + std::to_string(step));
   }
 }
@@ -193,8 +195,8 @@ TEST_P(CpuReplicaTest, PlacedStateTrainsBitIdenticallyAndHostStateIsTheStorage) 
       const float loss = placed->compute_gradients(b.x.data(), b.y.data(), max_batch);
       ASSERT_EQ(bits_of(loss), bits_of(expected_loss))
           << what << ", step " << step << ": expected loss " << expected_loss << " actual " << loss;
-      reference->apply_gradients(0.5f);
-      placed->apply_gradients(0.5f);
+      reference->apply_gradients(0.5f, step);
+      placed->apply_gradients(0.5f, step);
     }
     const auto state = placed->host_state();
     EXPECT_EQ(state[0].data(), params.data()) << what << ": parameters are not in the storage";
@@ -217,11 +219,106 @@ TEST_P(CpuReplicaTest, PlacedStateTrainsBitIdenticallyAndHostStateIsTheStorage) 
     const float loss_placed = placed->compute_gradients(b.x.data(), b.y.data(), max_batch);
     EXPECT_EQ(bits_of(loss_placed), bits_of(loss_fresh))
         << what << ": a write to the parameter storage did not reach the model";
-    fresh->apply_gradients(1.0f);
-    placed->apply_gradients(1.0f);
+    fresh->apply_gradients(1.0f, 4);
+    placed->apply_gradients(1.0f, 4);
     expect_same_bits(params, fresh->host_state()[0], what + ": parameters after catch-up");
     expect_same_bits(velocity.first(n), fresh->host_state()[1], what + ": velocity after catch-up");
   }
+}
+
+OptimizerConfig adamw_config() {
+  OptimizerConfig c;
+  c.kind = OptimizerKind::kAdamW;
+  c.lr = 2e-3f;
+  c.weight_decay = 0.1f;
+  c.grad_clip = 0.5f;
+  c.schedule = {.kind = LrScheduleKind::kCosine, .warmup_steps = 2, .min_lr = 1e-4f,
+                .total_steps = 8};
+  return c;
+}
+
+// AdamW: two optimizer buffers (first, second moment), the update the Optimizer makes.
+TEST_P(CpuReplicaTest, AdamWBitIdenticalToModelAndOptimizer) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  const size_t max_batch = 6;
+  std::unique_ptr<Replica> replica = make_replica("cpu", spec, max_batch, 12, adamw_config(), 0);
+  std::unique_ptr<models::Model> model = models::make_model(spec, max_batch, 12);
+  Optimizer optimizer(model->n_params(), adamw_config());
+  ASSERT_EQ(replica->state_layout(),
+            (StateLayout{.n_params = model->n_params(), .n_optimizer_buffers = 2}));
+  ASSERT_EQ(replica->host_state().size(), 3u);
+  for (uint64_t step = 0; step < 6; ++step) {
+    const Batch b = seeded_batch(spec, max_batch, 500 + step);
+    model->forward_backward(b.x.data(), b.y.data(), max_batch);
+    replica->compute_gradients(b.x.data(), b.y.data(), max_batch);
+    replica->apply_gradients(0.5f, step);
+    optimizer.step(model->params(), model->grads(), 0.5f, step);
+    const auto state = replica->host_state();
+    const std::string at = " after step " + std::to_string(step);
+    expect_same_bits(state[0], model->params(), "parameters" + at);
+    expect_same_bits(state[1], optimizer.buffer(0), "first moment" + at);
+    expect_same_bits(state[2], optimizer.buffer(1), "second moment" + at);
+  }
+}
+
+// The velocity-only catch-up's equivalent for AdamW: the late rank receives m and v after the
+// update and recomputes the parameters (decay and bias-corrected step of that training step),
+// bit for bit the donor's.
+TEST_P(CpuReplicaTest, AdamWUpdateFromOptimizerStateMatchesTheDonorsUpdate) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  std::unique_ptr<Replica> donor = make_replica("cpu", spec, 4, 1, adamw_config(), 0);
+  std::unique_ptr<Replica> late = make_replica("cpu", spec, 4, 1, adamw_config(), 0);
+  for (uint64_t step = 0; step < 5; ++step) {
+    const Batch batch = seeded_batch(spec, 4, 600 + step);
+    donor->compute_gradients(batch.x.data(), batch.y.data(), 4);
+    donor->apply_gradients(1.0f, step);
+    const auto from = donor->host_state();
+    const auto to = late->host_state();
+    for (size_t k = 1; k < from.size(); ++k) {
+      std::copy(from[k].begin(), from[k].end(), to[k].begin());
+    }
+    late->apply_update_from_optimizer_state(step);
+    expect_same_bits(to[0], from[0], "parameters after step " + std::to_string(step));
+  }
+  // The step matters: the parameter half of another step gives other bits.
+  std::unique_ptr<Replica> wrong = make_replica("cpu", spec, 4, 1, adamw_config(), 0);
+  const Batch batch = seeded_batch(spec, 4, 700);
+  donor->compute_gradients(batch.x.data(), batch.y.data(), 4);
+  std::copy(donor->host_state()[0].begin(), donor->host_state()[0].end(),
+            wrong->host_state()[0].begin());
+  donor->apply_gradients(1.0f, 5);
+  for (size_t k = 1; k < 3; ++k) {
+    std::copy(donor->host_state()[k].begin(), donor->host_state()[k].end(),
+              wrong->host_state()[k].begin());
+  }
+  wrong->apply_update_from_optimizer_state(0);
+  EXPECT_FALSE(std::equal(wrong->host_state()[0].begin(), wrong->host_state()[0].end(),
+                          donor->host_state()[0].begin()));
+}
+
+// The straggler-mode window with AdamW: parameters and both moments placed back to back.
+TEST_P(CpuReplicaTest, AdamWPlacedStateTrainsBitIdentically) {
+  const models::ModelSpec spec = small_spec(GetParam());
+  std::unique_ptr<Replica> reference = make_replica("cpu", spec, 5, 3, adamw_config(), 0);
+  std::unique_ptr<Replica> placed = make_replica("cpu", spec, 5, 3, adamw_config(), 0);
+  const size_t n = placed->n_params();
+  std::vector<float> window(4 * n + 1, -7.0f);  // [gradient][params][m][v][pad]
+  ASSERT_TRUE(placed->place_gradients(std::span(window).first(n)));
+  EXPECT_THROW(placed->place_state(std::span(window).subspan(n, 3 * n - 1)), InvalidArgument);
+  ASSERT_TRUE(placed->place_state(std::span(window).subspan(n, 3 * n)));
+  for (uint64_t step = 0; step < 4; ++step) {
+    const Batch b = seeded_batch(spec, 5, 800 + step);
+    reference->compute_gradients(b.x.data(), b.y.data(), 5);
+    placed->compute_gradients(b.x.data(), b.y.data(), 5);
+    reference->apply_gradients(0.5f, step);
+    placed->apply_gradients(0.5f, step);
+  }
+  const auto state = placed->host_state();
+  for (size_t k = 0; k < 3; ++k) {
+    EXPECT_EQ(state[k].data(), window.data() + (1 + k) * n) << "part " << k;
+    expect_same_bits(state[k], reference->host_state()[k], "part " + std::to_string(k));
+  }
+  EXPECT_EQ(window.back(), -7.0f) << "wrote past the second moment";
 }
 
 // A rejected placement leaves the state where it was.

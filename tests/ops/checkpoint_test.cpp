@@ -89,6 +89,27 @@ TEST_F(CheckpointTest, RoundTripKeepsEveryBit) {
   EXPECT_FALSE(fs::exists(fs::path(dir_) / ".ckpt-000000123.rsck.tmp")) << "temp file left";
 }
 
+// The optimizer is recorded in the header word that format version 1 kept reserved (0), so
+// every checkpoint written before AdamW reads as SGD's.
+TEST_F(CheckpointTest, OptimizerIsRecordedInTheFormerlyReservedWord) {
+  CheckpointMeta adamw = meta(9);
+  adamw.optimizer = "adamw";
+  const std::string adamw_path =
+      write_checkpoint(dir_, adamw, values(46, 1.0f), values(2 * 46, 2.0f));
+  const Checkpoint c = read_checkpoint(adamw_path);
+  EXPECT_EQ(c.meta, adamw);
+  EXPECT_EQ(c.optimizer_state.size(), 2u * 46);
+  const std::string sgd_path = write(10);
+  EXPECT_EQ(read_checkpoint(sgd_path).meta.optimizer, "sgd");
+  constexpr size_t kWord = kCheckpointHeaderBytes + 8 + 4;  // after the step and world size
+  EXPECT_EQ(bytes_of(sgd_path)[kWord], 0) << "an SGD checkpoint must stay version 1's bytes";
+  EXPECT_EQ(bytes_of(adamw_path)[kWord], 1);
+  CheckpointMeta unknown = meta(11);
+  unknown.optimizer = "lion";
+  EXPECT_THROW(write_checkpoint(dir_, unknown, values(4, 1.0f), values(4, 1.0f)),
+               InvalidArgument);
+}
+
 TEST_F(CheckpointTest, EmptyBuffersRoundTrip) {
   const std::string path = write_checkpoint(dir_, meta(0), {}, {});
   const Checkpoint c = read_checkpoint(path);

@@ -175,3 +175,57 @@ TEST(ConfigDefaults, HelpNamesBothDefaults) {
   EXPECT_NE(help.find("default 0.05 with --mode sync, 0.02 with --mode async"), std::string::npos)
       << help;
 }
+
+namespace resync::runtime {
+namespace {
+
+// --optimizer adamw: its own learning rate and weight decay unless given; SGD's unchanged.
+TEST(ConfigDefaults, OptimizerDefaultsDependOnTheOptimizerUnlessGiven) {
+  const TrainConfig sgd = parse({});
+  EXPECT_EQ(sgd.optimizer, "sgd");
+  EXPECT_EQ(sgd.lr, kDefaultLrSync);
+  EXPECT_EQ(sgd.weight_decay, 0.0f);
+  const TrainConfig adamw = parse({"--optimizer", "adamw"});
+  EXPECT_EQ(adamw.lr, kDefaultLrAdamW);
+  EXPECT_EQ(adamw.weight_decay, kDefaultWeightDecayAdamW);
+  EXPECT_EQ(adamw.beta1, 0.9f);
+  EXPECT_EQ(adamw.beta2, 0.95f);
+  EXPECT_EQ(adamw.eps, 1e-8f);
+  EXPECT_EQ(parse({"--optimizer", "adamw", "--mode", "async"}).lr, kDefaultLrAdamW);
+  EXPECT_EQ(parse({"--optimizer", "adamw", "--weight-decay", "0"}).weight_decay, 0.0f);
+  EXPECT_EQ(parse({"--optimizer", "adamw", "--lr", "0.01"}).lr, 0.01f);
+  TempToml file("optimizer = \"adamw\"\nbeta2 = 0.999\ngrad-clip = 1.5\nlr-schedule = \"cosine\"\n"
+                "warmup-steps = 7\nmin-lr = 0.0001\n");
+  const TrainConfig from_file = parse({"--config", file.path()});
+  EXPECT_EQ(from_file.lr, kDefaultLrAdamW);
+  EXPECT_EQ(from_file.beta2, 0.999f);
+  EXPECT_EQ(from_file.grad_clip, 1.5f);
+  EXPECT_EQ(from_file.lr_schedule, "cosine");
+  EXPECT_EQ(from_file.warmup_steps, 7u);
+  EXPECT_EQ(from_file.min_lr, 1e-4f);
+}
+
+TEST(ConfigFlags, OptimizerFlagsRejectBadValues) {
+  for (const std::vector<std::string>& bad :
+       {std::vector<std::string>{"--optimizer", "adam"}, {"--beta1", "1"}, {"--beta2", "-0.1"},
+        {"--beta1", "nan"}, {"--eps", "0"}, {"--eps", "inf"}, {"--grad-clip", "-1"},
+        {"--grad-clip", "nan"}, {"--lr-schedule", "step"}, {"--min-lr", "-1"}}) {
+    EXPECT_THROW(parse(bad), CLI::ParseError) << bad[0] << " " << bad[1];
+  }
+  TrainConfig cfg;
+  cfg.optimizer = "adamw";
+  cfg.eps = 0;
+  EXPECT_THROW(validate_for_world(cfg, 1), InvalidArgument);
+  cfg = TrainConfig{};
+  cfg.beta2 = 1.0f;
+  EXPECT_THROW(validate_for_world(cfg, 1), InvalidArgument);
+  cfg = TrainConfig{};
+  cfg.optimizer = "lion";
+  EXPECT_THROW(validate_for_world(cfg, 1), InvalidArgument);
+  cfg = TrainConfig{};
+  cfg.grad_clip = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(validate_for_world(cfg, 1), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace resync::runtime

@@ -130,6 +130,15 @@ def scenario_bad_input():
         (2, ["train"] + QUICK + ["--min-quorum", "3"], "--min-quorum"),
         (2, ["train"] + QUICK + ["--inject-delay", "fixed:5:10"], "rank 5"),
         (2, ["train"] + QUICK + ["--batch-size", "5000"], "--batch-size"),
+        (1, ["train", "--optimizer", "adam"], "--optimizer"),
+        (1, ["train", "--optimizer", "adamw", "--beta1", "1"], "--beta1"),
+        (1, ["train", "--optimizer", "adamw", "--beta2", "nan"], "--beta2"),
+        (1, ["train", "--optimizer", "adamw", "--eps", "0"], "--eps"),
+        (1, ["train", "--optimizer", "adamw", "--eps", "inf"], "--eps"),
+        (1, ["train", "--grad-clip", "-1"], "--grad-clip"),
+        (1, ["train", "--lr-schedule", "linear"], "--lr-schedule"),
+        (1, ["train", "--warmup-steps", "-3"], "--warmup-steps"),
+        (1, ["train", "--min-lr", "nan"], "--min-lr"),
     ]
     for np, args, mention in cases:
         expect_bad_input(np, args, mention)
@@ -366,6 +375,65 @@ def scenario_overlap():
     if "--overlap on: not with backup workers" not in LAST_STDERR[0]:
         fail(f"--overlap on with backup workers did not say it keeps the protocol:\n"
              f"{LAST_STDERR[0][-2000:]}")
+
+
+# AdamW with every option: warm-up, cosine decay and clipping of the averaged gradient.
+ADAMW = ["--optimizer", "adamw", "--lr", "0.003", "--grad-clip", "1", "--warmup-steps", "5",
+         "--lr-schedule", "cosine", "--min-lr", "0.0003"]
+
+
+def scenario_adamw():
+    # Plain sync with AdamW: deterministic for a seed at np 1 and 3, ranks agree, it learns the
+    # synthetic set, and it is another optimizer than SGD (other parameters).
+    adamw = {}
+    for np in (1, 3):
+        a = adamw[np] = summary(train(np, QUICK + ADAMW + ["--steps", "40", "--seed", "5"],
+                                      f"aw_a{np}"))
+        b = summary(train(np, QUICK + ADAMW + ["--steps", "40", "--seed", "5"], f"aw_b{np}"))
+        if a["param_checksum"] != b["param_checksum"]:
+            fail(f"np {np}: AdamW, same seed, different checksums {a['param_checksum']} "
+                 f"{b['param_checksum']}")
+        if not (a["ranks_agree"] and b["ranks_agree"]):
+            fail(f"np {np}: ranks disagree with AdamW")
+    sgd = summary(train(1, QUICK + ["--steps", "40", "--seed", "5"], "aw_sgd1"))
+    if sgd["param_checksum"] == adamw[1]["param_checksum"]:
+        fail("--optimizer adamw gave SGD's parameters")
+    rows = train(2, QUICK + ADAMW + ["--epochs", "2"], "aw_learn")
+    s = summary(rows)
+    if not s["test_accuracy"] > 0.9:
+        fail(f"AdamW did not learn the synthetic set: test accuracy {s['test_accuracy']}")
+    losses = [r["loss"] for r in steps_of(rows)]
+    if not sum(losses[-10:]) < sum(losses[:10]):
+        fail(f"AdamW's loss did not decrease: first {losses[:10]}, last {losses[-10:]}")
+
+
+def scenario_adamw_catch_ups():
+    # Backup workers with AdamW: a slow rank left out and caught up, and random stragglers caught
+    # up from a node peer's shared memory; AdamW's two buffers travel in every catch-up and the
+    # ranks end bit for bit equal.
+    rows = train(3, QUICK + ADAMW + ["--steps", "80", "--backup-workers", "1",
+                                     "--inject-delay", "fixed:2:40"], "aw_bw3")
+    s = summary(rows)
+    if not s["ranks_agree"]:
+        fail(f"np 3: ranks disagree after AdamW catch-ups: {s}")
+    if s["dropped_gradients"] == 0:
+        fail(f"np 3: the slow rank was never left out: {s}")
+    rows = train(4, QUICK[:-2] + ADAMW + ["--log-level", "debug", "--steps", "150",
+                                          "--backup-workers", "1",
+                                          "--inject-delay", "one:lognormal:2:1.0"], "aw_shared")
+    s = summary(rows)
+    log = LAST_STDERR[0]
+    if not s["ranks_agree"]:
+        fail(f"np 4: ranks disagree after AdamW shared catch-ups: {s}")
+    shared = log.count("(shared memory)")
+    if s["catch_ups"] == 0 or shared == 0:
+        fail(f"np 4: no shared-memory catch-up happened ({s['catch_ups']} catch-ups, {shared} "
+             f"shared in the log):\n{log[-3000:]}")
+    for bad in ("torn", "could not catch up"):
+        if bad in log:
+            fail(f"a catch-up went wrong ({bad!r}):\n{log[-3000:]}")
+    if not s["test_accuracy"] > 0.8:
+        fail(f"np 4: accuracy {s['test_accuracy']} with AdamW and stragglers")
 
 
 globals()["scenario_" + SCENARIO]()

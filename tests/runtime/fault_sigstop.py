@@ -5,7 +5,7 @@ The other ranks must keep closing steps while it is stopped; after SIGCONT it ca
 the run ends with every rank holding the same parameters. Bounded in time: every wait has a
 deadline, and the job is killed if it overstays.
 
-Usage: fault_sigstop.py RESYNC_BINARY MPIEXEC
+Usage: fault_sigstop.py RESYNC_BINARY MPIEXEC [OPTIMIZER]   (sgd, the default, or adamw)
 """
 import json
 import math
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpi_procs import rank_pid, wait_for  # noqa: E402
 
 RESYNC, MPIEXEC = sys.argv[1], sys.argv[2]
+OPTIMIZER = sys.argv[3] if len(sys.argv) > 3 else "sgd"
 ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
 TMP = tempfile.mkdtemp(prefix="resync_fault_")
 METRICS = os.path.join(TMP, "sigstop.jsonl")
@@ -50,7 +51,7 @@ def find_rank_pid(rank):
 args = [MPIEXEC, "-np", str(NP), "--oversubscribe", "--bind-to", "none", RESYNC, "train",
         "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test", "1000",
         "--hidden", "128", "--batch-size", "32", "--steps", "2500", "--backup-workers", "1",
-        "--ring-timeout-ms", "500",
+        "--ring-timeout-ms", "500", "--optimizer", OPTIMIZER,
         "--metrics", METRICS, "--log-level", os.environ.get("RESYNC_FAULT_LOG_LEVEL", "warn")]
 job = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

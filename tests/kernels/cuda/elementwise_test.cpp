@@ -1,4 +1,5 @@
-// CUDA GEMM, bias, ReLU, SGD and softmax cross-entropy against the CPU kernels on seeded inputs.
+// CUDA GEMM, bias, ReLU, SGD, AdamW and softmax cross-entropy against the CPU kernels on seeded
+// inputs.
 // Ops whose CUDA kernel performs the CPU's operations in the CPU's order are compared bit for bit;
 // the others (cuBLAS sums, fused multiply-adds, device exp/log) within a stated rounding bound.
 #include <gtest/gtest.h>
@@ -11,7 +12,9 @@
 #include <vector>
 
 #include "base/error.h"
+#include "kernels/adamw.h"
 #include "kernels/bias.h"
+#include "kernels/cuda/adamw.h"
 #include "kernels/cuda/bias.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/relu.h"
@@ -200,6 +203,47 @@ TEST_F(CudaSgd, MomentumUpdateMatchesCpuOverSeveralSteps) {
     d_p = to_device(params);
     d_v = to_device(velocity);
   }
+}
+
+// ---- AdamW --------------------------------------------------------------------------------------
+
+using CudaAdamW = CudaTest;
+
+// kernels/cuda/adamw.cu is built without fused multiply-adds: the device update is the CPU's,
+// bit for bit, step after step, and so is its parameter half.
+TEST_F(CudaAdamW, UpdateAndParameterHalfEqualTheCpuBitForBit) {
+  const size_t n = 4099;
+  auto params = random_floats(n, 51);
+  std::vector<float> m(n, 0.0f), v(n, 0.0f);
+  const AdamWHyper h{.beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
+  auto d_p = to_device(params);
+  auto d_m = to_device(m);
+  auto d_v = to_device(v);
+  for (uint64_t t = 1; t <= 5; ++t) {
+    const auto grads = random_floats(n, 60 + t, -4.0f, 4.0f);
+    const AdamWStep s = adamw_step(h, 1e-3f * float(t), t);
+    auto d_g = to_device(grads);
+    auto d_late = to_device(params);  // the parameters before this update
+    cuda::adamw_update(stream(), d_p.data(), d_m.data(), d_v.data(), d_g.data(), n, 0.25f, s);
+    adamw_update(params, m, v, grads, 0.25f, s);
+    expect_same_bits(to_host(d_p), params, "parameters");
+    expect_same_bits(to_host(d_m), m, "first moment");
+    expect_same_bits(to_host(d_v), v, "second moment");
+    cuda::adamw_apply_moments(stream(), d_late.data(), d_m.data(), d_v.data(), n, s);
+    expect_same_bits(to_host(d_late), params, "parameter half");
+  }
+}
+
+TEST_F(CudaAdamW, SumOfSquaresMatchesTheCpuAndIsRepeatable) {
+  for (size_t n : {size_t{1}, size_t{255}, size_t{100003}}) {
+    const auto values = random_floats(n, 70 + n, -3.0f, 3.0f);
+    auto d = to_device(values);
+    const double gpu = cuda::sum_of_squares(stream(), d.data(), n);
+    const double cpu = sum_of_squares(values);
+    EXPECT_NEAR(gpu, cpu, 1e-12 * cpu) << "n " << n;
+    EXPECT_EQ(cuda::sum_of_squares(stream(), d.data(), n), gpu) << "n " << n << ": not repeatable";
+  }
+  EXPECT_EQ(cuda::sum_of_squares(stream(), nullptr, 0), 0.0);
 }
 
 // ---- Softmax cross-entropy ----------------------------------------------------------------------
