@@ -27,9 +27,10 @@ CLI::Validator log_level_validator() {
 CLI::Validator data_validator() {
   return CLI::Validator(
       [](std::string& value) -> std::string {
-        if (value == "fashion-mnist" || value == "synthetic") return {};
+        if (value == "fashion-mnist" || value == "synthetic" || value == "bible-kjv") return {};
         if (value.rfind("idx:", 0) == 0 && value.size() > 4) return {};
-        return "must be fashion-mnist, synthetic or idx:DIR";
+        if (value.rfind("text:", 0) == 0 && value.size() > 5) return {};
+        return "must be fashion-mnist, synthetic, idx:DIR, text:FILE or bible-kjv";
       },
       "DATA");
 }
@@ -73,16 +74,31 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.set_config("--config", "", "Read flags from a TOML file (keys are the long flag names)");
   app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key is an error
 
-  app.add_option("--model", cfg.model, "Model: mlp")
+  app.add_option("--model", cfg.model, "Model: mlp, cnn, gpt or a registered one")
       ->capture_default_str()
       ->check(CLI::IsMember(models::model_names()));  // built-ins and registered models
   app.add_option("--hidden", cfg.hidden, "Hidden layer sizes of the mlp, comma separated")
       ->delimiter(',')
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 16));
-  app.add_option("--data", cfg.data, "Data: fashion-mnist, idx:DIR (MNIST-format files) or synthetic")
+  CLI::Option* data =
+      app.add_option("--data", cfg.data,
+                     "Data: fashion-mnist, idx:DIR (MNIST-format files), synthetic, text:FILE "
+                     "(bytes of any file) or bible-kjv (default of --model gpt)")
+          ->capture_default_str()
+          ->check(data_validator());
+  app.add_option("--n-layer", cfg.n_layer, "gpt: transformer blocks")
       ->capture_default_str()
-      ->check(data_validator());
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  app.add_option("--n-head", cfg.n_head, "gpt: attention heads (dividing --n-embd)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  app.add_option("--n-embd", cfg.n_embd, "gpt: width of the residual stream")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
+  app.add_option("--context", cfg.context, "Text data: tokens per sample (the gpt's sequence length)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
   app.add_option("--synthetic-train", cfg.synthetic_train, "Training samples of --data synthetic")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{10'000'000}));
@@ -108,8 +124,10 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
                                        kDefaultLrSync, kDefaultLrAsync))
                         ->check(finite_number<float>())
                         ->check(CLI::Range(0.0f, 100.0f));
-  app.final_callback([lr, &cfg] {
+  // One final callback (a second would replace the first): the defaults that depend on others.
+  app.final_callback([lr, data, &cfg] {
     if (lr->count() == 0) cfg.lr = default_lr(cfg.mode);
+    if (data->count() == 0 && cfg.model == "gpt") cfg.data = "bible-kjv";
   });
   app.add_option("--momentum", cfg.momentum, "SGD momentum in [0, 1)")
       ->capture_default_str()
@@ -281,6 +299,10 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
   if ((cfg.checkpoint_every > 0 || cfg.resume) && cfg.checkpoint_dir.empty()) {
     throw InvalidArgument("--checkpoint-every and --resume need --checkpoint-dir");
   }
+  if (cfg.model == "gpt" && cfg.n_embd % cfg.n_head != 0) {
+    throw InvalidArgument(
+        fmt::format("--n-head {} must divide --n-embd {}", cfg.n_head, cfg.n_embd));
+  }
   const DelaySpec spec = parse_delay_spec(cfg.inject_delay);
   if (spec.kind == DelayKind::kFixedRank && spec.rank >= world_size) {
     throw InvalidArgument(fmt::format("--inject-delay names rank {} but there are only {} ranks",
@@ -290,14 +312,14 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
 
 std::string describe(const TrainConfig& c) {
   return fmt::format(
-      "model={} hidden={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
+      "model={} hidden={} n-layer={} n-head={} n-embd={} context={} data={} epochs={} steps={} batch-size={} lr={} momentum={} "
       "weight-decay={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
       "min-quorum={} stall-warning-s={} stall-abort-s={} inject-delay={} early-catch-up={} "
       "segment-kib={} overlap={} bucket-kib={} "
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
-      c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.lr,
+      c.model, fmt::join(c.hidden, ","), c.n_layer, c.n_head, c.n_embd, c.context, c.data, c.epochs, c.steps, c.batch_size, c.lr,
       c.momentum, c.weight_decay, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
       c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.inject_delay, c.early_catch_up,
       c.segment_kib, c.overlap, c.bucket_kib,
