@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -30,6 +31,7 @@ struct StepFigures {
   double ms_per_step = 0;
   double samples_per_s = 0;
   double tokens_per_s = 0;  // labels per second: samples/s x labels per sample
+  double cpu_ms_per_step = 0;  // process CPU time: what a busy shared machine leaves comparable
   float last_loss = 0;
 };
 
@@ -63,18 +65,21 @@ StepFigures measure(Replica& replica, const Batch& batch, const StepBenchConfig&
   }
   // Both calls end synchronised with the device, so wall time is the step's time.
   const auto t0 = std::chrono::steady_clock::now();
+  const std::clock_t cpu0 = std::clock();
   for (int i = 0; i < cfg.iters; ++i) {
     loss = replica.compute_gradients(batch.x.data(), batch.y.data(), n);
     replica.apply_gradients(1.0f);
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double cpu_seconds = static_cast<double>(std::clock() - cpu0) / CLOCKS_PER_SEC;
   StepFigures f;
   f.device = replica.cuda_device() >= 0 ? fmt::format("cuda:{}", replica.cuda_device()) : "cpu";
   f.model = replica.describe();
   f.ms_per_step = seconds * 1e3 / cfg.iters;
   f.samples_per_s = static_cast<double>(n) * cfg.iters / seconds;
   f.tokens_per_s = f.samples_per_s * static_cast<double>(batch.y.size() / n);
+  f.cpu_ms_per_step = cpu_seconds * 1e3 / cfg.iters;
   f.last_loss = loss;
   return f;
 }
@@ -124,6 +129,11 @@ int run_step_bench(const StepBenchConfig& cfg) {
   std::fflush(stdout);
   const StepFigures main_figures = measure(*primary, batch, cfg);
   print_row(main_figures, cfg);
+  if (!cpu_peer) {
+    std::printf("# process cpu time: %.3f ms/step, %.1f tokens per cpu-second\n",
+                main_figures.cpu_ms_per_step,
+                static_cast<double>(batch.y.size()) / main_figures.cpu_ms_per_step * 1e3);
+  }
   std::fflush(stdout);
   if (cpu_peer) {
     const StepFigures cpu_figures = measure(*cpu_peer, batch, cfg);

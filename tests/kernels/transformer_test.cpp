@@ -12,12 +12,25 @@
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
 #include "kernels/residual.h"
+#include "kernels/transformer_math.h"
 #include "tests/kernels/test_util.h"
 
 namespace resync::kernels {
 namespace {
 
 using testing::random_floats;
+
+TEST(Gelu, VectorisableExpAndTanhAreAccurate) {
+  for (double x = -87.0; x <= 0.0; x += 0.00731) {
+    const double ref = std::exp(double(float(x)));  // of the float input
+    ASSERT_NEAR(exp_nonpositive(float(x)), ref, 3e-7 * ref) << "exp " << x;
+  }
+  EXPECT_EQ(exp_nonpositive(0.0f), 1.0f);
+  EXPECT_GT(exp_nonpositive(-1000.0f), 0.0f);
+  for (double u = -12.0; u <= 12.0; u += 0.001) {
+    ASSERT_NEAR(tanh_approx(float(u)), std::tanh(float(u)), 2e-7) << "tanh " << u;
+  }
+}
 
 TEST(Gelu, MatchesTheTanhFormulaInDouble) {
   auto x = random_floats(1000, 1, -6.0f, 6.0f);
@@ -85,7 +98,8 @@ TEST(Embedding, SumsTokenAndPositionRowsAndChecksTokens) {
 }
 
 TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
-  const AttentionShape s{2, 7, 12, 3};
+  // T = 70 spans three of the CPU kernel's row blocks (32 positions).
+  for (const AttentionShape s : {AttentionShape{2, 7, 12, 3}, AttentionShape{1, 70, 8, 2}}) {
   const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
   auto qkv = random_floats(s.batch * T * 3 * C, 8, -2.0f, 2.0f);
   std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
@@ -119,6 +133,9 @@ TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
       }
     }
   }
+  }
+  auto qkv = random_floats(2 * 7 * 3 * 12, 8);
+  std::vector<float> out(2 * 7 * 12), att(2 * 3 * 7 * 7);
   EXPECT_THROW(attention_forward(qkv.data(), out.data(), att.data(), AttentionShape{2, 7, 12, 5}),
                InvalidArgument);
 }
