@@ -74,8 +74,8 @@ RESYNC_HOST_DEVICE inline float layernorm_rstd(float variance) {
 
 // LayerNorm's input gradient for one element, given the row means of dxhat and dxhat * xhat:
 //   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-RESYNC_HOST_DEVICE inline float layernorm_dx(float dxhat, float xhat, float rstd,
-                                             float mean_dxhat, float mean_dxhat_xhat) {
+RESYNC_HOST_DEVICE inline float layernorm_dx(float dxhat, float xhat, float rstd, float mean_dxhat,
+                                             float mean_dxhat_xhat) {
   return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat);
 }
 

@@ -10,9 +10,9 @@ namespace resync::models {
 LayerStack build_gpt(const ModelSpec& spec) {
   const size_t V = spec.n_classes, T = spec.input_size(), C = spec.n_embd;
   const size_t L = spec.n_layer, NH = spec.n_head;
-  RESYNC_CHECK_ARG(L > 0 && NH > 0 && C > 0,
-                   fmt::format("gpt: --n-layer, --n-head and --n-embd must be > 0, got {} {} {}",
-                               L, NH, C));
+  RESYNC_CHECK_ARG(
+      L > 0 && NH > 0 && C > 0,
+      fmt::format("gpt: --n-layer, --n-head and --n-embd must be > 0, got {} {} {}", L, NH, C));
   RESYNC_CHECK_ARG(C % NH == 0, fmt::format("gpt: --n-head {} must divide --n-embd {}", NH, C));
   LayerStack stack;
   stack.label = fmt::format("gpt L{} H{} C{} T{} V{}", L, NH, C, T, V);

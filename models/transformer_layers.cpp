@@ -45,8 +45,7 @@ void linear_forward(const float* x, const float* w, const float* b, float* y, si
 // dW = dy^T x and db = column sums of dy (both overwritten); dx = dy W unless null.
 void linear_backward(const float* x, const float* w, const float* dy, float* dw, float* db,
                      float* dx, size_t rows, size_t in, size_t out) {
-  kernels::gemm(Transpose::kYes, Transpose::kNo, out, in, rows, 1.0f, dy, out, x, in, 0.0f, dw,
-                in);
+  kernels::gemm(Transpose::kYes, Transpose::kNo, out, in, rows, 1.0f, dy, out, x, in, 0.0f, dw, in);
   kernels::bias_grad(dy, db, rows, out);
   if (dx != nullptr) {
     kernels::gemm(Transpose::kNo, Transpose::kNo, rows, in, out, 1.0f, dy, out, w, in, 0.0f, dx,
@@ -64,9 +63,9 @@ void grow(std::vector<float>& v, size_t n) {
 
 TokenPositionEmbedding::TokenPositionEmbedding(size_t vocab, size_t context, size_t dim)
     : V_(vocab), T_(context), C_(dim) {
-  RESYNC_CHECK_ARG(V_ > 0 && T_ > 0 && C_ > 0,
-                   fmt::format("embedding sizes must be > 0, got vocab {} context {} width {}",
-                               V_, T_, C_));
+  RESYNC_CHECK_ARG(
+      V_ > 0 && T_ > 0 && C_ > 0,
+      fmt::format("embedding sizes must be > 0, got vocab {} context {} width {}", V_, T_, C_));
 }
 
 std::string TokenPositionEmbedding::name() const {
@@ -79,7 +78,9 @@ void TokenPositionEmbedding::bind(std::span<float> params, std::span<float> grad
   grads_ = grads.data();
 }
 
-void TokenPositionEmbedding::init(SplitMix64& rng) { fill_normal(params_, n_params(), kInitStd, rng); }
+void TokenPositionEmbedding::init(SplitMix64& rng) {
+  fill_normal(params_, n_params(), kInitStd, rng);
+}
 
 void TokenPositionEmbedding::forward(const float* x, float* y, size_t batch) {
   kernels::embedding_forward(x, params_, params_ + V_ * C_, y, {batch, T_, C_, V_});
@@ -128,8 +129,8 @@ void LayerNormLayer::backward(const float* x, const float* /*y*/, const float* d
   // The kernel adds to dx; as a model's first layer (no dx wanted) it writes into scratch.
   if (dx == nullptr) dx = dx_scratch_.data();
   std::memset(dx, 0, rows * C_ * sizeof(float));
-  kernels::layernorm_backward(dy, x, params_, mean_.data(), rstd_.data(), dx, grads_,
-                              grads_ + C_, rows, C_);
+  kernels::layernorm_backward(dy, x, params_, mean_.data(), rstd_.data(), dx, grads_, grads_ + C_,
+                              rows, C_);
 }
 
 // ---- TransformerBlock -------------------------------------------------------------------------
@@ -138,14 +139,11 @@ TransformerBlock::TransformerBlock(size_t context, size_t dim, size_t n_head, si
                                    std::shared_ptr<TransformerScratch> scratch)
     : T_(context), C_(dim), NH_(n_head), n_layer_(n_layer), scratch_(std::move(scratch)) {
   RESYNC_CHECK_ARG(T_ > 0 && C_ > 0 && NH_ > 0 && n_layer_ > 0, "transformer sizes must be > 0");
-  RESYNC_CHECK_ARG(C_ % NH_ == 0,
-                   fmt::format("--n-head {} must divide --n-embd {}", NH_, C_));
+  RESYNC_CHECK_ARG(C_ % NH_ == 0, fmt::format("--n-head {} must divide --n-embd {}", NH_, C_));
   RESYNC_CHECK_ARG(scratch_ != nullptr, "transformer block: no scratch");
 }
 
-std::string TransformerBlock::name() const {
-  return fmt::format("block T{} C{} H{}", T_, C_, NH_);
-}
+std::string TransformerBlock::name() const { return fmt::format("block T{} C{} H{}", T_, C_, NH_); }
 
 TransformerBlock::Params TransformerBlock::carve(float* base) const {
   const size_t C = C_;
@@ -264,8 +262,7 @@ void TransformerBlock::backward(const float* x, const float* /*y*/, const float*
 
 // ---- TiedLmHead -------------------------------------------------------------------------------
 
-TiedLmHead::TiedLmHead(TokenPositionEmbedding& embedding, size_t vocab, size_t context,
-                       size_t dim)
+TiedLmHead::TiedLmHead(TokenPositionEmbedding& embedding, size_t vocab, size_t context, size_t dim)
     : embedding_(embedding), V_(vocab), T_(context), C_(dim) {
   embedding_.set_tied();
 }
@@ -273,8 +270,8 @@ TiedLmHead::TiedLmHead(TokenPositionEmbedding& embedding, size_t vocab, size_t c
 std::string TiedLmHead::name() const { return fmt::format("tied head C{} V{}", C_, V_); }
 
 void TiedLmHead::forward(const float* x, float* y, size_t batch) {
-  kernels::gemm(Transpose::kNo, Transpose::kYes, batch * T_, V_, C_, 1.0f, x, C_,
-                embedding_.wte(), C_, 0.0f, y, V_);
+  kernels::gemm(Transpose::kNo, Transpose::kYes, batch * T_, V_, C_, 1.0f, x, C_, embedding_.wte(),
+                C_, 0.0f, y, V_);
 }
 
 void TiedLmHead::backward(const float* x, const float* /*y*/, const float* dy, float* dx,
@@ -283,8 +280,8 @@ void TiedLmHead::backward(const float* x, const float* /*y*/, const float* dy, f
   kernels::gemm(Transpose::kYes, Transpose::kNo, V_, C_, N, 1.0f, dy, V_, x, C_, 0.0f,
                 embedding_.dwte(), C_);
   if (dx != nullptr) {
-    kernels::gemm(Transpose::kNo, Transpose::kNo, N, C_, V_, 1.0f, dy, V_, embedding_.wte(), C_, 0.0f,
-                  dx, C_);
+    kernels::gemm(Transpose::kNo, Transpose::kNo, N, C_, V_, 1.0f, dy, V_, embedding_.wte(), C_,
+                  0.0f, dx, C_);
   }
 }
 

@@ -92,8 +92,8 @@ class TransformerBlock final : public Layer {
  private:
   // Pointers into a parameter (or gradient) slice, by the layout above.
   struct Params {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b,
-        *fcproj_w, *fcproj_b;
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w,
+        *fcproj_b;
   };
   Params carve(float* base) const;
 

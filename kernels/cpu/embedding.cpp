@@ -12,9 +12,9 @@ namespace {
 
 size_t checked_token(const float* tokens, size_t i, size_t vocab) {
   const float t = tokens[i];
-  RESYNC_CHECK_ARG(t >= 0.0f && t < static_cast<float>(vocab) && std::floor(t) == t,
-                   fmt::format("embedding: token {} at position {} is not an integer in [0, {})",
-                               t, i, vocab));
+  RESYNC_CHECK_ARG(
+      t >= 0.0f && t < static_cast<float>(vocab) && std::floor(t) == t,
+      fmt::format("embedding: token {} at position {} is not an integer in [0, {})", t, i, vocab));
   return static_cast<size_t>(t);
 }
 

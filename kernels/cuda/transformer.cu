@@ -1,10 +1,9 @@
-#include "kernels/cuda/transformer.h"
-
 #include <cmath>
 
 #include "base/error.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/transformer.h"
 #include "kernels/elementwise.h"
 #include "kernels/transformer_math.h"
 
@@ -183,9 +182,8 @@ void residual_accumulate(cudaStream_t stream, float* acc, const float* d, size_t
   RESYNC_CHECK_LAUNCH("residual_accumulate_kernel");
 }
 
-void layernorm_forward(cudaStream_t stream, const float* x, const float* weight,
-                       const float* bias, float* y, float* mean, float* rstd, size_t rows,
-                       size_t cols) {
+void layernorm_forward(cudaStream_t stream, const float* x, const float* weight, const float* bias,
+                       float* y, float* mean, float* rstd, size_t rows, size_t cols) {
   if (rows == 0) return;
   RESYNC_CHECK_ARG(cols > 0, "cuda layernorm_forward: zero columns");
   layernorm_forward_kernel<<<launch::blocks_for(rows), launch::kBlock, 0, stream>>>(
@@ -193,9 +191,9 @@ void layernorm_forward(cudaStream_t stream, const float* x, const float* weight,
   RESYNC_CHECK_LAUNCH("layernorm_forward_kernel");
 }
 
-void layernorm_backward(cudaStream_t stream, const float* dy, const float* x,
-                        const float* weight, const float* mean, const float* rstd, float* dx,
-                        float* dweight, float* dbias, size_t rows, size_t cols) {
+void layernorm_backward(cudaStream_t stream, const float* dy, const float* x, const float* weight,
+                        const float* mean, const float* rstd, float* dx, float* dweight,
+                        float* dbias, size_t rows, size_t cols) {
   if (rows == 0 || cols == 0) return;
   layernorm_dx_kernel<<<launch::blocks_for(rows), launch::kBlock, 0, stream>>>(
       dy, x, weight, mean, rstd, dx, rows, cols);
@@ -205,8 +203,8 @@ void layernorm_backward(cudaStream_t stream, const float* dy, const float* x,
   RESYNC_CHECK_LAUNCH("layernorm_dparams_kernel");
 }
 
-void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte,
-                       const float* wpe, float* out, const EmbeddingShape& s) {
+void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte, const float* wpe,
+                       float* out, const EmbeddingShape& s) {
   const size_t n = s.batch * s.seq_len * s.dim;
   if (n == 0) return;
   embedding_forward_kernel<<<launch::blocks_for(n), launch::kBlock, 0, stream>>>(
@@ -236,8 +234,8 @@ void attention_forward(cublasHandle_t handle, cudaStream_t stream, const float* 
     for (size_t h = 0; h < NH; ++h) {
       const float* q = qkv + b * T * ld + h * hs;
       float* p = att + (b * NH + h) * T * T;
-      gemm(handle, stream, Transpose::kNo, Transpose::kYes, T, T, hs, scale, q, ld, q + C, ld,
-           0.0f, p, T);
+      gemm(handle, stream, Transpose::kNo, Transpose::kYes, T, T, hs, scale, q, ld, q + C, ld, 0.0f,
+           p, T);
     }
   }
   const size_t rows = s.batch * NH * T;
@@ -270,15 +268,15 @@ void attention_backward(cublasHandle_t handle, cudaStream_t stream, const float*
       float* dq = dqkv + at;
       const float* p = att + (b * NH + h) * T * T;
       const float* dout_bh = dout + b * T * C + h * hs;
-      gemm(handle, stream, Transpose::kNo, Transpose::kYes, T, T, hs, 1.0f, dout_bh, C, v, ld,
-           0.0f, scratch, T);
-      gemm(handle, stream, Transpose::kYes, Transpose::kNo, T, hs, T, 1.0f, p, T, dout_bh, C,
-           0.0f, dq + 2 * C, ld);
+      gemm(handle, stream, Transpose::kNo, Transpose::kYes, T, T, hs, 1.0f, dout_bh, C, v, ld, 0.0f,
+           scratch, T);
+      gemm(handle, stream, Transpose::kYes, Transpose::kNo, T, hs, T, 1.0f, p, T, dout_bh, C, 0.0f,
+           dq + 2 * C, ld);
       causal_softmax_backward_kernel<<<launch::blocks_for(T), launch::kBlock, 0, stream>>>(
           p, scratch, T);
       RESYNC_CHECK_LAUNCH("causal_softmax_backward_kernel");
-      gemm(handle, stream, Transpose::kNo, Transpose::kNo, T, hs, T, scale, scratch, T, k, ld,
-           0.0f, dq, ld);
+      gemm(handle, stream, Transpose::kNo, Transpose::kNo, T, hs, T, scale, scratch, T, k, ld, 0.0f,
+           dq, ld);
       gemm(handle, stream, Transpose::kYes, Transpose::kNo, T, hs, T, scale, scratch, T, q, ld,
            0.0f, dq + C, ld);
     }

@@ -21,18 +21,17 @@ void residual_forward(cudaStream_t stream, const float* a, const float* b, float
 void residual_accumulate(cudaStream_t stream, float* acc, const float* d, size_t n);
 
 // One thread per row (forward, dx) and per column (dweight, dbias): sums run in the CPU's order.
-void layernorm_forward(cudaStream_t stream, const float* x, const float* weight,
-                       const float* bias, float* y, float* mean, float* rstd, size_t rows,
-                       size_t cols);
+void layernorm_forward(cudaStream_t stream, const float* x, const float* weight, const float* bias,
+                       float* y, float* mean, float* rstd, size_t rows, size_t cols);
 // Adds to dx, dweight and dbias, as kernels::layernorm_backward.
-void layernorm_backward(cudaStream_t stream, const float* dy, const float* x,
-                        const float* weight, const float* mean, const float* rstd, float* dx,
-                        float* dweight, float* dbias, size_t rows, size_t cols);
+void layernorm_backward(cudaStream_t stream, const float* dy, const float* x, const float* weight,
+                        const float* mean, const float* rstd, float* dx, float* dweight,
+                        float* dbias, size_t rows, size_t cols);
 
 // Tokens must be integers in [0, V): the device does not check them (the CPU twin does).
 // The backward sums each dwte column over the positions in order (deterministic, no atomics).
-void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte,
-                       const float* wpe, float* out, const EmbeddingShape& s);
+void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte, const float* wpe,
+                       float* out, const EmbeddingShape& s);
 void embedding_backward(cudaStream_t stream, const float* dout, const float* tokens, float* dwte,
                         float* dwpe, const EmbeddingShape& s);
 

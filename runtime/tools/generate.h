@@ -12,8 +12,8 @@ namespace resync::runtime {
 struct GenerateConfig {
   std::string checkpoint;  // a checkpoint file, or a --checkpoint-dir (its newest valid one)
   std::string prompt = "\n";
-  size_t tokens = 200;     // bytes to generate
-  size_t top_k = 40;       // 0: greedy (the most likely byte each time)
+  size_t tokens = 200;  // bytes to generate
+  size_t top_k = 40;    // 0: greedy (the most likely byte each time)
   float temperature = 0.8f;
   uint64_t seed = 1;
 };

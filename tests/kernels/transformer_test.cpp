@@ -100,39 +100,39 @@ TEST(Embedding, SumsTokenAndPositionRowsAndChecksTokens) {
 TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
   // T = 70 spans three of the CPU kernel's row blocks (32 positions).
   for (const AttentionShape s : {AttentionShape{2, 7, 12, 3}, AttentionShape{1, 70, 8, 2}}) {
-  const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
-  auto qkv = random_floats(s.batch * T * 3 * C, 8, -2.0f, 2.0f);
-  std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
-  attention_forward(qkv.data(), out.data(), att.data(), s);
-  for (size_t b = 0; b < s.batch; ++b) {
-    for (size_t h = 0; h < NH; ++h) {
-      for (size_t t = 0; t < T; ++t) {
-        std::vector<double> p(t + 1);
-        double mx = -1e300, sum = 0;
-        for (size_t j = 0; j <= t; ++j) {
-          double dot = 0;
-          for (size_t d = 0; d < hs; ++d) {
-            dot += double(qkv[(b * T + t) * 3 * C + h * hs + d]) *
-                   qkv[(b * T + j) * 3 * C + C + h * hs + d];
-          }
-          p[j] = dot / std::sqrt(double(hs));
-          mx = std::max(mx, p[j]);
-        }
-        for (auto& v : p) sum += (v = std::exp(v - mx));
-        for (size_t j = 0; j < T; ++j) {
-          const double ref = j <= t ? p[j] / sum : 0.0;
-          ASSERT_NEAR(att[((b * NH + h) * T + t) * T + j], ref, 1e-6) << b << h << t << j;
-        }
-        for (size_t d = 0; d < hs; ++d) {
-          double ref = 0;
+    const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
+    auto qkv = random_floats(s.batch * T * 3 * C, 8, -2.0f, 2.0f);
+    std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
+    attention_forward(qkv.data(), out.data(), att.data(), s);
+    for (size_t b = 0; b < s.batch; ++b) {
+      for (size_t h = 0; h < NH; ++h) {
+        for (size_t t = 0; t < T; ++t) {
+          std::vector<double> p(t + 1);
+          double mx = -1e300, sum = 0;
           for (size_t j = 0; j <= t; ++j) {
-            ref += p[j] / sum * qkv[(b * T + j) * 3 * C + 2 * C + h * hs + d];
+            double dot = 0;
+            for (size_t d = 0; d < hs; ++d) {
+              dot += double(qkv[(b * T + t) * 3 * C + h * hs + d]) *
+                     qkv[(b * T + j) * 3 * C + C + h * hs + d];
+            }
+            p[j] = dot / std::sqrt(double(hs));
+            mx = std::max(mx, p[j]);
           }
-          ASSERT_NEAR(out[(b * T + t) * C + h * hs + d], ref, 1e-5) << b << h << t << d;
+          for (auto& v : p) sum += (v = std::exp(v - mx));
+          for (size_t j = 0; j < T; ++j) {
+            const double ref = j <= t ? p[j] / sum : 0.0;
+            ASSERT_NEAR(att[((b * NH + h) * T + t) * T + j], ref, 1e-6) << b << h << t << j;
+          }
+          for (size_t d = 0; d < hs; ++d) {
+            double ref = 0;
+            for (size_t j = 0; j <= t; ++j) {
+              ref += p[j] / sum * qkv[(b * T + j) * 3 * C + 2 * C + h * hs + d];
+            }
+            ASSERT_NEAR(out[(b * T + t) * C + h * hs + d], ref, 1e-5) << b << h << t << d;
+          }
         }
       }
     }
-  }
   }
   auto qkv = random_floats(2 * 7 * 3 * 12, 8);
   std::vector<float> out(2 * 7 * 12), att(2 * 3 * 7 * 7);

@@ -58,11 +58,10 @@ int main(int argc, char** argv) {
   if (f == nullptr) return 1;
   std::fprintf(f, "%zu %zu %zu %zu %zu %zu\n", L, H, C, T, V, B);
   std::fclose(f);
-  const bool ok = write(out + "/params.f32", params.data(), params.size()) &&
-                  write(out + "/x.f32", x.data(), x.size()) &&
-                  write(out + "/y.i32", y.data(), y.size()) &&
-                  write(out + "/logits.f32", logits.data(), logits.size()) &&
-                  write(out + "/loss.f32", &loss, 1) &&
-                  write(out + "/grads.f32", grads.data(), grads.size());
+  const bool ok =
+      write(out + "/params.f32", params.data(), params.size()) &&
+      write(out + "/x.f32", x.data(), x.size()) && write(out + "/y.i32", y.data(), y.size()) &&
+      write(out + "/logits.f32", logits.data(), logits.size()) &&
+      write(out + "/loss.f32", &loss, 1) && write(out + "/grads.f32", grads.data(), grads.size());
   return ok ? 0 : 1;
 }

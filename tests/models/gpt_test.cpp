@@ -150,7 +150,7 @@ ModelSpec tiny_spec() {
   spec.name = "gpt";
   spec.in_channels = 1;
   spec.in_height = 1;
-  spec.in_width = 6;  // T
+  spec.in_width = 6;   // T
   spec.n_classes = 7;  // V
   spec.n_layer = 2;
   spec.n_head = 2;

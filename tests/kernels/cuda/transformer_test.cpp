@@ -2,6 +2,8 @@
 // inputs. The elementwise math is shared, but device tanh/exp/sqrt and fused multiply-adds may
 // round differently: results agree within 1e-5 relative (plus 1e-6 absolute); attention's
 // GEMMs go through cuBLAS, so 1e-4 there. Every test skips without a device.
+#include "kernels/cuda/transformer.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,7 +11,6 @@
 #include <vector>
 
 #include "kernels/attention.h"
-#include "kernels/cuda/transformer.h"
 #include "kernels/embedding.h"
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
@@ -80,8 +81,8 @@ TEST_F(CudaTransformer, EmbeddingMatchesCpu) {
   auto d_tokens = to_device(tokens), d_wte = to_device(wte), d_wpe = to_device(wpe);
   auto d_out = to_device(out), d_dout = to_device(dout);
   cuda::embedding_forward(stream(), d_tokens.data(), d_wte.data(), d_wpe.data(), d_out.data(), s);
-  cuda::embedding_backward(stream(), d_dout.data(), d_tokens.data(), d_dwte.data(),
-                           d_dwpe.data(), s);
+  cuda::embedding_backward(stream(), d_dout.data(), d_tokens.data(), d_dwte.data(), d_dwpe.data(),
+                           s);
   // Same additions in the same order: bit for bit.
   testing::expect_same_bits(to_host(d_out), out, "embedding out");
   testing::expect_same_bits(to_host(d_dwte), dwte, "embedding dwte");
