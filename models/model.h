@@ -21,7 +21,7 @@ struct ModelSpec {
   size_t in_channels = 1, in_height = 28, in_width = 28, n_classes = 10;
   // gpt (models/gpt.h): blocks, heads and width; the context is input_size(), the vocabulary
   // n_classes.
-  size_t n_layer = 4, n_head = 4, n_embd = 256;
+  size_t n_layer = 4, n_head = 4, n_embd = 128;
 
   size_t input_size() const { return in_channels * in_height * in_width; }
 };

@@ -33,7 +33,7 @@ struct TrainConfig {
   // gpt (models/gpt.h): blocks, heads, width, and the sequence length of the text windows.
   size_t n_layer = 4;
   size_t n_head = 4;
-  size_t n_embd = 256;
+  size_t n_embd = 128;
   size_t context = 128;
   size_t synthetic_train = 12000;      // samples in the synthetic training set
   size_t synthetic_test = 2000;

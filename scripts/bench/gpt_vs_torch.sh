@@ -6,7 +6,7 @@
 #   scripts/bench/gpt_vs_torch.sh [RESYNC] ; env: L H C T BATCH ITERS WARMUP THREADS
 set -euo pipefail
 RESYNC=${1:-build/default/runtime/resync}
-L=${L:-4} H=${H:-4} C=${C:-256} T=${T:-128} BATCH=${BATCH:-16}
+L=${L:-4} H=${H:-4} C=${C:-128} T=${T:-128} BATCH=${BATCH:-16}
 ITERS=${ITERS:-10} WARMUP=${WARMUP:-2} THREADS=${THREADS:-1}
 here=$(cd "$(dirname "$0")" && pwd)
 # Debian's python3-torch is in the system interpreter, which a pyenv python3 may shadow.
