@@ -54,7 +54,7 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
   const auto& layers = stack.layers;
   // The checks models::Model makes, so that a device never runs a stack the CPU would refuse.
   RESYNC_CHECK_ARG(!layers.empty(), "model: no layers");
-  RESYNC_CHECK_ARG(layers.back()->out_size() == n_classes,
+  RESYNC_CHECK_ARG(n_classes > 0 && layers.back()->out_size() % n_classes == 0,
                    fmt::format("model: last layer has {} outputs for {} classes",
                                layers.back()->out_size(), n_classes));
   DevicePlan plan;
@@ -82,6 +82,12 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
     step.n_params = layer.n_params();
     plan.n_params += step.n_params;
     plan.layers.push_back(std::move(step));
+  }
+  // Device models compute one label per sample (the gpt layers, which predict one per
+  // position, are refused above).
+  if (layers.back()->out_size() != n_classes) {
+    throw DeviceError(fmt::format("model {}: {} labels per sample; {} runs one", stack.label,
+                                  layers.back()->out_size() / n_classes, device));
   }
   return plan;
 }

@@ -10,6 +10,7 @@
 
 #include "base/error.h"
 #include "models/cnn.h"
+#include "models/gpt.h"
 #include "models/mlp.h"
 
 namespace resync::models {
@@ -56,6 +57,7 @@ class Registry {
   Registry() {
     add("mlp", &build_mlp);
     add("cnn", &build_cnn);
+    add("gpt", &build_gpt);
   }
 
   mutable std::mutex mutex_;
@@ -104,7 +106,7 @@ Model::Model(LayerStack stack, size_t n_classes, size_t max_batch, uint64_t seed
       max_batch_(max_batch) {
   RESYNC_CHECK_ARG(!layers_.empty(), "model: no layers");
   RESYNC_CHECK_ARG(max_batch_ > 0, "model: max batch must be > 0");
-  RESYNC_CHECK_ARG(layers_.back()->out_size() == n_classes,
+  RESYNC_CHECK_ARG(n_classes > 0 && layers_.back()->out_size() % n_classes == 0,
                    fmt::format("model: last layer has {} outputs for {} classes",
                                layers_.back()->out_size(), n_classes));
   size_t total = 0;
@@ -169,9 +171,9 @@ float Model::forward_backward(const float* x, const int32_t* labels, size_t batc
   for (size_t i = 0; i < n_layers; ++i) {
     layers_[i]->forward(input_of(i, x), acts_[i].data(), batch);
   }
-  // Loss, and its gradient with respect to the logits.
-  const float loss =
-      loss_.forward_backward(acts_.back().data(), labels, dacts_.back().data(), batch);
+  // Loss over every label (row of logits), and its gradient with respect to the logits.
+  const float loss = loss_.forward_backward(acts_.back().data(), labels, dacts_.back().data(),
+                                            batch * labels_per_sample());
   // Backward, mirrored: the first layer needs no gradient for the input batch.
   for (size_t i = n_layers; i-- > 0;) {
     float* dx = i == 0 ? nullptr : dacts_[i - 1].data();
@@ -184,13 +186,23 @@ float Model::forward_backward(const float* x, const int32_t* labels, size_t batc
 EvalResult Model::evaluate(const float* x, const int32_t* labels, size_t batch) {
   check_batch(x, labels, batch);
   EvalResult result;
-  result.count = batch;
+  result.count = batch * labels_per_sample();
   if (batch == 0) return result;
   for (size_t i = 0; i < layers_.size(); ++i) {
     layers_[i]->forward(input_of(i, x), acts_[i].data(), batch);
   }
-  result.loss_sum = loss_.loss_sum(acts_.back().data(), labels, batch, &result.correct);
+  result.loss_sum =
+      loss_.loss_sum(acts_.back().data(), labels, result.count, &result.correct);
   return result;
+}
+
+std::span<const float> Model::logits(const float* x, size_t batch) {
+  RESYNC_CHECK_ARG(batch > 0 && batch <= max_batch_ && x != nullptr,
+                   fmt::format("model: logits of a batch of {} (max {})", batch, max_batch_));
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i]->forward(input_of(i, x), acts_[i].data(), batch);
+  }
+  return {acts_.back().data(), batch * layers_.back()->out_size()};
 }
 
 std::string Model::describe() const { return fmt::format("{} ({} params)", label_, n_params()); }

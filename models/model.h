@@ -19,12 +19,16 @@ struct ModelSpec {
   std::string name = "mlp";
   std::vector<size_t> hidden = {512, 512};  // mlp: widths of the hidden layers
   size_t in_channels = 1, in_height = 28, in_width = 28, n_classes = 10;
+  // gpt (models/gpt.h): blocks, heads and width; the context is input_size(), the vocabulary
+  // n_classes.
+  size_t n_layer = 4, n_head = 4, n_embd = 128;
 
   size_t input_size() const { return in_channels * in_height * in_width; }
 };
 
+// Counts are of labels: samples for mlp/cnn, positions (tokens) for a sequence model.
 struct EvalResult {
-  double loss_sum = 0;  // summed over samples: add results up, divide by count at the end
+  double loss_sum = 0;  // summed over labels: add results up, divide by count at the end
   size_t correct = 0;
   size_t count = 0;
 };
@@ -38,7 +42,9 @@ struct LayerStack {
 // True if two buffers share any element (where place_parameters/place_gradients may put them).
 bool overlap(std::span<const float> a, std::span<const float> b);
 
-// A feed-forward network and its loss. Owns the parameter and gradient buffers (layers hold
+// A feed-forward network and its loss. The last layer's outputs per sample are
+// labels_per_sample() rows of n_classes logits (1 for a classifier, T for a sequence model that
+// predicts each next token): the loss is the mean over batch x labels_per_sample() rows. Owns the parameter and gradient buffers (layers hold
 // views into them) and every activation buffer, sized once for max_batch: a step allocates
 // nothing. Parameters are laid out layer after layer, in forward order.
 class Model {
@@ -65,6 +71,7 @@ class Model {
 
   size_t input_size() const { return layers_.front()->in_size(); }  // floats per sample
   size_t n_classes() const { return loss_.n_classes(); }
+  size_t labels_per_sample() const { return layers_.back()->out_size() / n_classes(); }
   size_t max_batch() const { return max_batch_; }
 
   // Called during the backward pass after each layer's, with `first_final`: the gradients of
@@ -73,12 +80,18 @@ class Model {
   using GradientsFinalHook = std::function<void(size_t first_final)>;
 
   // Forward, loss and backward on one batch (1 <= batch <= max_batch); x is [batch x
-  // input_size()]. Overwrites grads() with the gradient of the mean loss, which it returns.
+  // input_size()], labels [batch x labels_per_sample()]. Overwrites grads() with the gradient
+  // of the mean loss, which it returns.
   float forward_backward(const float* x, const int32_t* labels, size_t batch,
                          const GradientsFinalHook& on_final = {});
 
-  // Forward only (0 <= batch <= max_batch): summed loss, correct predictions and count.
+  // Forward only (0 <= batch <= max_batch): summed loss, correct predictions and count, over
+  // batch x labels_per_sample() labels.
   EvalResult evaluate(const float* x, const int32_t* labels, size_t batch);
+
+  // Forward only (1 <= batch <= max_batch): the logits, [batch x labels_per_sample() x
+  // n_classes()], valid until the next call (e.g. for sampling text from a gpt).
+  std::span<const float> logits(const float* x, size_t batch);
 
   std::string describe() const;  // e.g. "mlp 784-512-512-10 (669706 params)"
 
@@ -103,12 +116,13 @@ class Model {
   std::vector<std::vector<float>> dacts_;  // dacts_[i]: d loss / d acts_[i]
 };
 
-// Builds a model's layers for a spec: input of spec.input_size() floats, last layer
-// spec.n_classes wide. Throws InvalidArgument for a spec it cannot build.
+// Builds a model's layers for a spec: input of spec.input_size() floats, last layer a multiple
+// of spec.n_classes wide (labels_per_sample() rows of logits). Throws InvalidArgument for a
+// spec it cannot build.
 using ModelBuilder = std::function<LayerStack(const ModelSpec& spec)>;
 
 // Adds a model to the registry that make_model() and `resync train --model` consult, so that a
-// program linking the runtime can train its own model. The built-ins ("mlp", "cnn") are
+// program linking the runtime can train its own model. The built-ins ("mlp", "cnn", "gpt") are
 // registered the same way. Call before training starts (e.g. at the top of main()); safe from
 // any thread. Throws InvalidArgument for an empty name, a name already taken or an empty builder.
 void register_model(const std::string& name, ModelBuilder build);

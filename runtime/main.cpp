@@ -1,4 +1,5 @@
-// `resync`: the command-line program. Subcommands: train (under mpirun/srun), bench, info.
+// `resync`: the command-line program. Subcommands: train (under mpirun/srun), bench, generate,
+// info.
 // Exit codes: 0 done, 2 bad input (flags, config, data), 1 runtime failure.
 #include "runtime/io/cli.h"
 

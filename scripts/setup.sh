@@ -8,7 +8,7 @@ packages=(
   openmpi-bin libopenmpi-dev libopenblas-dev
   libspdlog-dev libfmt-dev libcli11-dev zlib1g-dev
   googletest libgtest-dev libgmock-dev libbenchmark-dev
-  dataset-fashion-mnist python3 python3-matplotlib python3-torch
+  dataset-fashion-mnist bible-kjv python3 python3-matplotlib python3-torch
   slurm-wlm munge
 )
 

@@ -19,6 +19,7 @@
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
 #include "runtime/tools/bench.h"
+#include "runtime/tools/generate.h"
 #include "runtime/io/config.h"
 #include "runtime/tools/info.h"
 #include "runtime/tools/launch.h"
@@ -69,16 +70,18 @@ int run_cli(int argc, char** argv) {
   const std::string command = argc >= 2 ? argv[1] : "";
   if (command == "bench") return bench_main(argc - 1, argv + 1);
   if (command == "launch") return launch_main(argc - 1, argv + 1);
+  if (command == "generate") return generate_main(argc - 1, argv + 1);
   TrainConfig cfg;
   CLI::App app{"resync: data-parallel training on MPI clusters with a straggler-tolerant ring.\n"
-               "Commands: train (under mpirun or srun), launch, bench, info. See 'resync train --help'."};
+               "Commands: train (under mpirun or srun), launch, bench, generate, info. See "
+               "'resync train --help'."};
   app.name(command == "train" || command == "info" ? "resync " + command : "resync");
   if (command == "train") {
     declare_train_flags(app, cfg);
   } else if (command != "info") {
-    app.add_option("command", "train, launch, bench or info")
+    app.add_option("command", "train, launch, bench, generate or info")
         ->required()
-        ->check(CLI::IsMember({"train", "launch", "bench", "info"}));
+        ->check(CLI::IsMember({"train", "launch", "bench", "generate", "info"}));
   }
   try {
     const bool subcommand = command == "train" || command == "info";

@@ -27,9 +27,10 @@ CLI::Validator log_level_validator() {
 CLI::Validator data_validator() {
   return CLI::Validator(
       [](std::string& value) -> std::string {
-        if (value == "fashion-mnist" || value == "synthetic") return {};
+        if (value == "fashion-mnist" || value == "synthetic" || value == "bible-kjv") return {};
         if (value.rfind("idx:", 0) == 0 && value.size() > 4) return {};
-        return "must be fashion-mnist, synthetic or idx:DIR";
+        if (value.rfind("text:", 0) == 0 && value.size() > 5) return {};
+        return "must be fashion-mnist, synthetic, idx:DIR, text:FILE or bible-kjv";
       },
       "DATA");
 }
@@ -78,16 +79,31 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
   app.set_config("--config", "", "Read flags from a TOML file (keys are the long flag names)");
   app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt key is an error
 
-  app.add_option("--model", cfg.model, "Model: mlp")
+  app.add_option("--model", cfg.model, "Model: mlp, cnn, gpt or a registered one")
       ->capture_default_str()
       ->check(CLI::IsMember(models::model_names()));  // built-ins and registered models
   app.add_option("--hidden", cfg.hidden, "Hidden layer sizes of the mlp, comma separated")
       ->delimiter(',')
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 16));
-  app.add_option("--data", cfg.data, "Data: fashion-mnist, idx:DIR (MNIST-format files) or synthetic")
+  CLI::Option* data =
+      app.add_option("--data", cfg.data,
+                     "Data: fashion-mnist, idx:DIR (MNIST-format files), synthetic, text:FILE "
+                     "(bytes of any file) or bible-kjv (default of --model gpt)")
+          ->capture_default_str()
+          ->check(data_validator());
+  app.add_option("--n-layer", cfg.n_layer, "gpt: transformer blocks")
       ->capture_default_str()
-      ->check(data_validator());
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  app.add_option("--n-head", cfg.n_head, "gpt: attention heads (dividing --n-embd)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  app.add_option("--n-embd", cfg.n_embd, "gpt: width of the residual stream")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
+  app.add_option("--context", cfg.context, "Text data: tokens per sample (the gpt's sequence length)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
   app.add_option("--synthetic-train", cfg.synthetic_train, "Training samples of --data synthetic")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{10'000'000}));
@@ -142,9 +158,11 @@ void declare_train_flags(CLI::App& app, TrainConfig& cfg) {
                                  kDefaultWeightDecaySgd, kDefaultWeightDecayAdamW))
           ->check(finite_number<float>())
           ->check(CLI::Range(0.0f, 1.0f));
-  app.final_callback([lr, weight_decay, &cfg] {
+  // One final callback (a second would replace the first): the defaults that depend on others.
+  app.final_callback([lr, weight_decay, data, &cfg] {
     if (lr->count() == 0) cfg.lr = default_lr(cfg.mode, cfg.optimizer);
     if (weight_decay->count() == 0) cfg.weight_decay = default_weight_decay(cfg.optimizer);
+    if (data->count() == 0 && cfg.model == "gpt") cfg.data = "bible-kjv";
   });
   app.add_option("--grad-clip", cfg.grad_clip,
                  "Clip the averaged gradient to this L2 norm (0 = off; async mode: each worker "
@@ -353,6 +371,10 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
   if ((cfg.checkpoint_every > 0 || cfg.resume) && cfg.checkpoint_dir.empty()) {
     throw InvalidArgument("--checkpoint-every and --resume need --checkpoint-dir");
   }
+  if (cfg.model == "gpt" && cfg.n_embd % cfg.n_head != 0) {
+    throw InvalidArgument(
+        fmt::format("--n-head {} must divide --n-embd {}", cfg.n_head, cfg.n_embd));
+  }
   const DelaySpec spec = parse_delay_spec(cfg.inject_delay);
   if (spec.kind == DelayKind::kFixedRank && spec.rank >= world_size) {
     throw InvalidArgument(fmt::format("--inject-delay names rank {} but there are only {} ranks",
@@ -362,7 +384,8 @@ void validate_for_world(const TrainConfig& cfg, int world_size) {
 
 std::string describe(const TrainConfig& c) {
   return fmt::format(
-      "model={} hidden={} data={} epochs={} steps={} batch-size={} optimizer={} lr={} "
+      "model={} hidden={} n-layer={} n-head={} n-embd={} context={} data={} epochs={} steps={} "
+      "batch-size={} optimizer={} lr={} "
       "momentum={} beta1={} beta2={} eps={} weight-decay={} grad-clip={} lr-schedule={} "
       "warmup-steps={} min-lr={} seed={} threads={} backup-workers={} straggler-timeout-ms={} "
       "min-quorum={} stall-warning-s={} stall-abort-s={} coordinator-timeout-s={} "
@@ -371,7 +394,8 @@ std::string describe(const TrainConfig& c) {
       "ring-timeout-ms={} mode={} ps={} max-staleness={} device={} collective={} "
       "checkpoint-dir={} checkpoint-every={} checkpoint-keep={} resume={} metrics={} "
       "metrics-every={} log-level={} timeline={} progress={} progress-every-s={}",
-      c.model, fmt::join(c.hidden, ","), c.data, c.epochs, c.steps, c.batch_size, c.optimizer,
+      c.model, fmt::join(c.hidden, ","), c.n_layer, c.n_head, c.n_embd, c.context, c.data,
+      c.epochs, c.steps, c.batch_size, c.optimizer,
       c.lr, c.momentum, c.beta1, c.beta2, c.eps, c.weight_decay, c.grad_clip, c.lr_schedule,
       c.warmup_steps, c.min_lr, c.seed, c.threads, c.backup_workers, c.straggler_timeout_ms,
       c.min_quorum, c.stall_warning_s, c.stall_abort_s, c.coordinator_timeout_s, c.inject_delay,

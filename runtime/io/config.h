@@ -32,7 +32,14 @@ struct TrainConfig {
   // Model and data.
   std::string model = "mlp";
   std::vector<size_t> hidden = {512, 512};
-  std::string data = "fashion-mnist";  // fashion-mnist | idx:DIR | synthetic
+  // fashion-mnist | idx:DIR | synthetic | text:FILE | bible-kjv; empty: the model's default
+  // (bible-kjv for gpt, fashion-mnist otherwise), resolved when the flags are parsed.
+  std::string data = "fashion-mnist";
+  // gpt (models/gpt.h): blocks, heads, width, and the sequence length of the text windows.
+  size_t n_layer = 4;
+  size_t n_head = 4;
+  size_t n_embd = 128;
+  size_t context = 128;
   size_t synthetic_train = 12000;      // samples in the synthetic training set
   size_t synthetic_test = 2000;
   // Schedule and optimizer.

@@ -56,9 +56,13 @@ void MetricsWriter::step(const StepRecord& r) {
 
 void MetricsWriter::eval(const EvalRecord& r) {
   if (!file_) return;  // nothing to format: no --metrics on this rank
+  // Text data adds bits per byte (the loss is in nats per byte token).
+  const std::string bits = r.test_bits_per_byte >= 0
+                               ? fmt::format(R"("test_bits_per_byte":{},)", num(r.test_bits_per_byte))
+                               : std::string();
   write_line(fmt::format(
-      R"({{"event":"eval","epoch":{},"step":{},"test_loss":{},"test_accuracy":{},"elapsed_s":{}}})",
-      r.epoch, r.step, num(r.test_loss), num(r.test_accuracy), num(r.elapsed_s)));
+      R"({{"event":"eval","epoch":{},"step":{},"test_loss":{},{}"test_accuracy":{},"elapsed_s":{}}})",
+      r.epoch, r.step, num(r.test_loss), bits, num(r.test_accuracy), num(r.elapsed_s)));
 }
 
 void MetricsWriter::summary(const SummaryRecord& r) {

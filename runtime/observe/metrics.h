@@ -61,7 +61,8 @@ struct EvalRecord {
   size_t epoch = 0;
   uint64_t step = 0;
   double test_loss = 0;
-  double test_accuracy = 0;
+  double test_accuracy = 0;  // token accuracy on text
+  double test_bits_per_byte = -1;  // text (byte tokens) only: test_loss / ln 2; else < 0
   double elapsed_s = 0;
 };
 

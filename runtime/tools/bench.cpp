@@ -297,6 +297,18 @@ int bench_main(int argc, char** argv) {
       ->check(CLI::Range(size_t{1}, size_t{1} << 16))
       ->delimiter(',')
       ->capture_default_str();
+  step->add_option("--n-layer", st.n_layer, "gpt: transformer blocks")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  step->add_option("--n-head", st.n_head, "gpt: attention heads")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{64}));
+  step->add_option("--n-embd", st.n_embd, "gpt: width")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
+  step->add_option("--context", st.context, "gpt: tokens per sample")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{4096}));
   step->add_option("--batch-size", st.batch_size, "Samples per step")
       ->check(CLI::Range(size_t{1}, size_t{1} << 16))
       ->capture_default_str();

@@ -13,6 +13,8 @@ struct StepBenchConfig {
   std::string device = "cpu";  // cpu or cuda
   std::string model = "mlp";   // a registered model (mlp, cnn, ...)
   std::vector<size_t> hidden = {512, 512};
+  // gpt: shape and sequence length; byte tokens (vocabulary 256).
+  size_t n_layer = 4, n_head = 4, n_embd = 128, context = 128;
   size_t batch_size = 64;
   int iters = 20;   // timed steps
   int warmup = 3;   // untimed steps first (allocations, cuBLAS heuristics, caches)

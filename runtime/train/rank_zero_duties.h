@@ -46,6 +46,14 @@ class RankZeroDuties {
     last_eval_.elapsed_s = ms_since(start_) / 1000.0;
     s_.metrics.eval(last_eval_);
     progress_.clear_line();  // the log line must not run on from the live progress line
+    if (last_eval_.test_bits_per_byte >= 0) {
+      log::get("train")->info(
+          "epoch {} step {}: validation loss {:.4f} nats, {:.4f} bits per byte, token accuracy "
+          "{:.4f}, train loss {:.4f}, {:.1f} s",
+          last_eval_.epoch, last_eval_.step, last_eval_.test_loss, last_eval_.test_bits_per_byte,
+          last_eval_.test_accuracy, train_loss, last_eval_.elapsed_s);
+      return;
+    }
     log::get("train")->info(
         "epoch {} step {}: test accuracy {:.4f}, test loss {:.4f}, train loss {:.4f}, {:.1f} s",
         last_eval_.epoch, last_eval_.step, last_eval_.test_accuracy, last_eval_.test_loss,

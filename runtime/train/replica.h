@@ -33,7 +33,8 @@ class Replica {
   virtual size_t max_batch() const = 0;
 
   // Forward and backward of one mini-batch given in host memory (x [n x input size], labels
-  // [n], 1 <= n <= max_batch); returns the mean loss. Afterwards the gradient of that mean is
+  // [n x labels per sample]: one per sample, or one per position for a sequence model such as
+  // gpt; 1 <= n <= max_batch); returns the mean loss over the labels. Afterwards the gradient of that mean is
   // in gradient_buffer() (or device_gradient_buffer(), see GradientLocation), where the
   // all-reduce may sum it in place.
   virtual float compute_gradients(const float* x, const int32_t* y, size_t n) = 0;
@@ -78,7 +79,8 @@ class Replica {
   // upload_state().
   virtual void apply_update_from_optimizer_state(uint64_t step) = 0;
 
-  // Forward only on host inputs (0 <= n <= max_batch): summed loss, correct count and n.
+  // Forward only on host inputs (0 <= n <= max_batch): summed loss, correct count and the
+  // number of labels.
   virtual models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) = 0;
 
   // GradientLocation::kDevice is for CUDA replicas only (InvalidArgument on CPU).

@@ -1,6 +1,7 @@
 #include "runtime/train/train_common.h"
 
 #include <algorithm>
+#include <cmath>
 #include <exception>
 
 #include "collectives/transport/world.h"
@@ -14,7 +15,7 @@ Setup::Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard,
       rank(rank_),
       world(world_),
       delay_spec(parse_delay_spec(c.inject_delay)),
-      data(load_data(c.data, c.seed, c.synthetic_train, c.synthetic_test)),
+      data(load_data(c.data, c.seed, c.synthetic_train, c.synthetic_test, c.context)),
       sampler(data.train.n_samples(), shard.count, shard.index, c.batch_size, c.seed),
       total_steps(c.steps > 0 ? c.steps : uint64_t(c.epochs) * sampler.steps_per_epoch()),
       model(c.mode == "sync" ? nullptr : models::make_model(model_spec(), c.batch_size, c.seed)),
@@ -31,7 +32,7 @@ Setup::Setup(const TrainConfig& c, int rank_, int world_, ShardAssignment shard,
                                : nullptr),
       metrics(rank_ == 0 ? c.metrics : std::string(), c.resume),
       x(c.batch_size * data.train.n_features()),
-      y(c.batch_size) {}
+      y(c.batch_size * data.train.labels_per_sample()) {}
 
 OptimizerConfig optimizer_config(const TrainConfig& cfg, uint64_t total_updates) {
   OptimizerConfig o;
@@ -59,6 +60,9 @@ models::ModelSpec Setup::model_spec() const {
   spec.in_height = data.train.height;
   spec.in_width = data.train.width;
   spec.n_classes = data.train.n_classes;
+  spec.n_layer = cfg.n_layer;
+  spec.n_head = cfg.n_head;
+  spec.n_embd = cfg.n_embd;
   return spec;
 }
 
@@ -123,6 +127,8 @@ EvalRecord evaluate_with(Eval&& eval, const Dataset& test, size_t batch_size,
   EvalRecord r;
   r.test_loss = total.count ? total.loss_sum / double(total.count) : 0;
   r.test_accuracy = total.count ? double(total.correct) / double(total.count) : 0;
+  // Byte tokens: a loss in nats per byte is loss / ln 2 bits per byte.
+  if (test.context > 0) r.test_bits_per_byte = r.test_loss / std::log(2.0);
   return r;
 }
 

@@ -11,7 +11,9 @@ import sys
 
 RESYNC, SCENARIO = sys.argv[1], sys.argv[2]
 QUICK = ["--batch-size", "16", "--iters", "3", "--warmup", "1", "--hidden", "32"]
-ROW = re.compile(r"^\s+(cpu|cuda:\d+)\s+16\s+3\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.naif-]+)\s+(\S.*)$")
+# device, batch, iters, ms/step, samples/s, tokens/s, loss, model
+ROW = re.compile(r"^\s+(cpu|cuda:\d+)\s+16\s+3\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.naif-]+)\s+(\S.*)$")
+GPT_SHAPE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--context", "16"]
 
 
 def fail(msg):
@@ -33,8 +35,9 @@ def rows(p):
 
 
 def scenario_cpu():
-    for model in ("mlp", "cnn"):
-        p = run(["bench", "step", "--device", "cpu", "--model", model] + QUICK)
+    for model in ("mlp", "cnn", "gpt"):
+        shape = GPT_SHAPE if model == "gpt" else []
+        p = run(["bench", "step", "--device", "cpu", "--model", model] + QUICK + shape)
         if p.returncode != 0:
             fail(f"bench step --model {model} exited {p.returncode}\n{p.stderr}")
         r = rows(p)
@@ -42,6 +45,10 @@ def scenario_cpu():
             fail(f"--model {model}: expected one cpu row with samples/s > 0, got {r}\n{p.stdout}")
         if model not in p.stdout:
             fail(f"the table does not name the model {model}:\n{p.stdout}")
+        tokens = [float(ROW.match(l).group(4)) for l in p.stdout.splitlines() if ROW.match(l)]
+        per_sample = 16 if model == "gpt" else 1  # gpt: a label per position of --context 16
+        if abs(tokens[0] / r["cpu"] - per_sample) > 1e-3 * per_sample:
+            fail(f"--model {model}: tokens/s {tokens[0]} is not {per_sample} x samples/s {r['cpu']}")
     p = run(["bench", "step", "--device", "tpu"])
     if p.returncode != 2:
         fail(f"--device tpu exited {p.returncode}, expected 2 (bad input)\n{p.stderr}")

@@ -165,6 +165,33 @@ TEST(DevicePlan, UnsupportedLayerIsRefusedByName) {
   EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
 }
 
+TEST(DevicePlan, GptIsRefusedByItsFirstLayer) {
+  // The gpt layers have CUDA kernels (kernels/cuda/transformer.h) but no device layers yet.
+  ModelSpec spec;
+  spec.name = "gpt";
+  spec.in_height = 1;
+  spec.in_width = 8;
+  spec.n_classes = 16;
+  spec.n_layer = 1;
+  spec.n_head = 2;
+  spec.n_embd = 8;
+  EXPECT_NO_THROW(make_model(spec, 2, 1));
+  try {
+    make_device_plan(spec, "cuda");
+    FAIL() << "a device plan for the gpt";
+  } catch (const DeviceError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("'embedding V16 T8 C8', has no cuda implementation"), std::string::npos)
+        << msg;
+  }
+  // A stack of supported layers with several labels per sample is refused too: device models
+  // compute one label per sample.
+  LayerStack two_labels;
+  two_labels.label = "two-labels";
+  two_labels.layers.push_back(std::make_unique<Linear>(8, 6));
+  EXPECT_THROW(make_device_plan(std::move(two_labels), 3), DeviceError);
+}
+
 TEST(DevicePlan, StacksTheCpuModelRefusesAreRefused) {
   EXPECT_THROW(make_device_plan(spec_for("no-such-model")), InvalidArgument);
   EXPECT_THROW(make_device_plan(spec_for("mlp", 0)), InvalidArgument);
