@@ -16,12 +16,12 @@ std::string server_checkpoint_dir(const std::string& dir, int server) {
 }
 
 ShardCheckpoints::ShardCheckpoints(std::string dir, int server, int n_servers,
-                                   std::span<float> params, std::span<float> velocity,
-                                   CheckpointMeta meta, size_t keep)
+                                   std::vector<std::span<float>> parts, CheckpointMeta meta,
+                                   size_t keep)
     : dir_(server_checkpoint_dir(dir, server)),
       server_(server),
       n_servers_(n_servers),
-      state_{params, velocity},
+      state_(std::move(parts)),
       meta_(std::move(meta)),
       keep_(keep) {
   meta_.model = fmt::format("{} shard {} of {}", meta_.model, server, n_servers);
@@ -31,7 +31,13 @@ ShardCheckpoints::ShardCheckpoints(std::string dir, int server, int n_servers,
 std::optional<uint64_t> ShardCheckpoints::restore() {
   const std::optional<LoadedCheckpoint> latest = load_latest_checkpoint(dir_);
   if (!latest) return std::nullopt;
-  const StateLayout layout{.n_params = state_[0].size(), .n_optimizer_buffers = 1};
+  if (latest->checkpoint.meta.optimizer != meta_.optimizer) {
+    throw InvalidArgument(fmt::format("--resume: checkpoint {} was written with --optimizer {}, "
+                                      "this run uses --optimizer {}",
+                                      latest->path, latest->checkpoint.meta.optimizer,
+                                      meta_.optimizer));
+  }
+  const StateLayout layout{.n_params = state_[0].size(), .n_optimizer_buffers = state_.size() - 1};
   restore_state(latest->checkpoint, latest->path, meta_.model, layout, state_);
   const uint64_t progress = latest->checkpoint.meta.step;
   StableState::Change(stable_).done(progress);

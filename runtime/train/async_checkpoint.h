@@ -1,5 +1,5 @@
 // Checkpoints of an asynchronous run (--mode async): each parameter server keeps its own shard
-// (parameters and momentum) in its own directory, CHECKPOINT_DIR/server-K/ckpt-N.rsck, written
+// (parameters and optimizer state) in its own directory, CHECKPOINT_DIR/server-K/ckpt-N.rsck, written
 // by that server every --checkpoint-every updates, at the end, and by the rescue after a death
 // (rescue.h). N is the run's progress: the steps every worker had pushed when the shard was
 // saved (the smallest worker's count), where a resumed run's workers continue.
@@ -22,12 +22,13 @@ std::string server_checkpoint_dir(const std::string& dir, int server);
 // One server's shard and its checkpoints.
 class ShardCheckpoints {
  public:
-  // `params`, `velocity`: the server's slices; `meta`: the run's (model, world, seed, batch).
-  ShardCheckpoints(std::string dir, int server, int n_servers, std::span<float> params,
-                   std::span<float> velocity, CheckpointMeta meta, size_t keep);
+  // `parts`: the server's slices of the parameters and of each optimizer buffer; `meta`: the
+  // run's (model, world, seed, batch, optimizer).
+  ShardCheckpoints(std::string dir, int server, int n_servers, std::vector<std::span<float>> parts,
+                   CheckpointMeta meta, size_t keep);
 
   // Loads the newest valid checkpoint of this shard, if any; returns its progress. Throws
-  // InvalidArgument (exit 2) if it belongs to another model or shard layout.
+  // InvalidArgument (exit 2) if it belongs to another model, shard layout or optimizer.
   std::optional<uint64_t> restore();
 
   // Every push seen (the observer's event): tracks each worker's progress.
@@ -47,7 +48,7 @@ class ShardCheckpoints {
   std::string dir_;
   int server_;
   int n_servers_;
-  std::array<std::span<float>, 2> state_;  // parameters, momentum
+  std::vector<std::span<float>> state_;  // parameters, then each optimizer buffer
   CheckpointMeta meta_;
   size_t keep_;
   std::vector<uint64_t> worker_steps_;  // per worker rank (index by rank): steps pushed
