@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <memory>
+#include <thread>
 
 #include "base/log.h"
 #include "collectives/control/control_plane.h"
@@ -239,6 +241,19 @@ SummaryRecord train_sync(const TrainConfig& cfg, collectives::MpiSession& mpi) {
     }
   } catch (const CommError& e) {
     rescue_if_armed(e.what());
+    throw;
+  } catch (const NonFiniteError& e) {
+    // A diverged run is not restartable (it would diverge again): no rescue. A rank whose
+    // failure the lowest participant reports keeps its connections open until that rank ends
+    // the job, so that nobody mistakes it for a death.
+    // The reporter ends the job here, before the coordinator waits for its clients to close.
+    disarm_rescue();
+    if (e.reported_by_peer()) {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+    } else {
+      std::fprintf(stderr, "resync: error: %s\n", e.what());
+      collectives::abort_world(1);
+    }
     throw;
   }
   disarm_rescue();  // the final round closed: every rank holds the final state
