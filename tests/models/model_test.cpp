@@ -48,7 +48,7 @@ TEST(Mlp, DescribeAndRegistry) {
   EXPECT_EQ(model->grads().size(), model->n_params());
   EXPECT_EQ(model->input_size(), 784u);
   EXPECT_EQ(model->n_classes(), 10u);
-  EXPECT_EQ(model_names(), (std::vector<std::string>{"mlp", "cnn"}));
+  EXPECT_EQ(model_names(), (std::vector<std::string>{"mlp", "cnn", "gpt"}));
 }
 
 TEST(Mlp, RejectsBadSpecs) {
