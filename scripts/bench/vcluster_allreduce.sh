@@ -23,7 +23,7 @@ bench_args=("$@")
 [[ ${#bench_args[@]} -gt 0 ]] || bench_args=(-b 64K -e 16M -f 4)
 [[ -x $resync ]] || { echo "$0: error: no resync at $resync (-x PATH)" >&2; exit 2; }
 
-export VCLUSTER_NAME=vcbench OMPI_MCA_btl=self,vader,tcp
+export VCLUSTER_NAME=${VCLUSTER_NAME:-vcbench} OMPI_MCA_btl=self,vader,tcp
 tmp=$(mktemp -d)
 trap 'scripts/vcluster down >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
 
