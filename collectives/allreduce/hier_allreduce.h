@@ -1,8 +1,12 @@
 // HierAllreduce: in-place float sum over participants spread over several nodes. Inside each
 // node the participants reduce-scatter through shared memory into S slices, the slice owners
-// of all nodes sum their slice across nodes (one ring, or direct exchange, per slice), and the
-// owners share the result through shared memory again. Also the pure parts (the plan of a call
-// and the slicing), kept apart so that they can be tested without MPI.
+// of all nodes sum their slice across nodes, and the owners share the result through shared
+// memory again. Between two nodes the three phases are pipelined: the owners swap their node
+// sums group by group (one message each way, below the MPI eager limit), several groups in
+// flight, while their nodes reduce the next groups and share the finished ones; across three
+// or more nodes each slice goes through one ring (or direct exchange) once the node has
+// reduced it. Also the pure parts (the plan of a call and the slicing), kept apart so that
+// they can be tested without MPI.
 //
 // Slicing. A node with L participants splits the buffer into S contiguous slices, S = the
 // smallest nonzero local count over the nodes of the call, so every node cuts the same slices
@@ -14,10 +18,12 @@
 // one leader; a 1+3 split has S = 1 and one carrier per node.
 //
 // Sum order. Element e of slice s: on each node, the node sum x_a + x_b + ... left to right in
-// local position order (one owner computes it); then, across nodes, those node sums in the
-// order of the cross-node exchange (the ring's order over the slice's owners, sorted by world
-// rank; participant order for the direct exchange of small slices). One rank computes each
-// sum and the others copy it, so all participants on all nodes end bit-identical.
+// local position order (one owner computes it); then, across nodes, those node sums: between
+// two nodes in owner order (the lower world rank's first, computed by both owners alike);
+// across more, in the order of the cross-node exchange (the ring's order over the slice's
+// owners, sorted by world rank; participant order for the direct exchange of small slices).
+// One rank computes each node sum and the others copy it, so all participants on all nodes
+// end bit-identical.
 // This is NOT the order of one node's shared-memory path: 4 ranks on one node sum
 // ((x_o + x_a) + x_b) + x_c (the chunk's owner first, then participant order), while 2 nodes x
 // 2 ranks sum (x0 + x1) + (x2 + x3). Float addition is not associative, so the bits differ in
