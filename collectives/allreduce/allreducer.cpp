@@ -80,8 +80,9 @@ Allreducer::Allreducer(Context& ctx, AllreducerOptions options)
   if (options_.use_shm == ShmUse::kAuto) {
     if (auto* mpi = dynamic_cast<MpiTransport*>(&ctx.transport())) {
       shm_ = std::make_unique<ShmAllreduce>(ctx, mpi->comm(), options_.shm);
-      hier_ = std::make_unique<HierAllreduce>(ctx, *shm_, ring_, small_,
-                                              small_max_bytes(AllreducePath::kSmall, 2));
+      HierOptions hier = options_.hier;
+      hier.small_max_bytes = small_max_bytes(AllreducePath::kSmall, 2);
+      hier_ = std::make_unique<HierAllreduce>(ctx, *shm_, ring_, small_, hier);
     }
   }
   world_.resize(ctx.size());

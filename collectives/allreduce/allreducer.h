@@ -52,6 +52,9 @@ struct AllreducerOptions {
   // shm.fake_node_size: split each node into fake nodes (tests, benchmarks on one machine);
   // when 0, the environment variable RESYNC_FAKE_NODE_SIZE, read here only, may set it.
   ShmOptions shm{};
+  // The hierarchical path's exchange between nodes (its small_max_bytes is taken from the
+  // point-to-point small path's threshold below).
+  HierOptions hier{};
   ShmUse use_shm = ShmUse::kAuto;
   // Largest buffer, in bytes, that takes a latency-optimal path (kSmall, kShmSmall); nullopt:
   // the thresholds measured on the development machine (see docs/benchmarks.md).

@@ -102,22 +102,41 @@ class ShmAllreduce {
   // finished reading this rank's buffer (so the caller may overwrite it).
   void allreduce_direct(std::span<float> data, std::span<const int> participants, uint64_t seq);
 
-  // The cross-node step of allreduce_hier: sums `slice` (this node's sum of it) with the
-  // other nodes' owners of the same slice, in place, bit-identically on all of them.
+  // The cross-node step of allreduce_hier, group by group: an owner's slice is cut into groups
+  // of whole pipeline steps; the owner starts a group once its node sum is in place, and
+  // finishes it (the group then holds the sum over all nodes, bit-identical on all of the
+  // slice's owners) before sharing it, `window` groups later, so that the network carries
+  // groups while the node reduces and shares others. poll() moves pending transfers along
+  // without blocking; every wait inside the node calls it.
   class SliceExchange {
    public:
-    virtual void exchange_slice(std::span<float> slice, uint64_t seq) = 0;
+    struct Groups {
+      size_t steps;   // pipeline steps per group (>= 1)
+      size_t window;  // groups started ahead of the one being finished (>= 1)
+    };
+    // Same answers on every participant of the call (they depend on the call's plan only):
+    // the largest piece a step may move, and the groups of steps.
+    virtual size_t max_piece_elems() const = 0;
+    virtual Groups groups(size_t n_steps, size_t piece_elems) const = 0;
+    // An owner's slice, cut into groups of `group_elems` floats (the last may be shorter).
+    virtual void begin(std::span<float> slice, size_t group_elems, uint64_t seq) = 0;
+    virtual void start(size_t group) = 0;
+    virtual void finish(size_t group) = 0;
+    virtual void poll() = 0;
+    // Lets go of whatever is pending (after a failure); the next begin() starts afresh.
+    virtual void abandon() noexcept = 0;
 
    protected:
     ~SliceExchange() = default;
   };
   // The node's part of a hierarchical all-reduce (hier_allreduce.h has the slicing and sum
   // order): `node_participants` are the call's participants on this node, the first
-  // `n_slices` of them own one HierSlices slice each. Block by block, every participant
-  // stages its pieces and each owner sums its slice in place (local position order); then
-  // each owner calls `exchange` on its slice; then owners stage their slices and everyone
-  // copies them. A non-owner waits for the owners throughout, and an owner that fails in
-  // `exchange` abandons the call, so a missing rank on another node fails the whole node.
+  // `n_slices` of them own one HierSlices slice each. Step by step, every participant stages
+  // its pieces and each owner sums its piece in place (local position order); at the end of
+  // each group the owner starts its exchange across nodes; `window` groups later it finishes
+  // it, stages the result piece by piece and everyone copies it. A non-owner waits for the
+  // owners throughout, and an owner that fails in `exchange` abandons the call, so a missing
+  // rank on another node fails the whole node.
   void allreduce_hier(std::span<float> data, std::span<const int> node_participants, uint64_t seq,
                       int n_slices, SliceExchange& exchange);
 

@@ -1,5 +1,5 @@
 // ShmAllreduce::allreduce_hier: the shared-memory phases of the hierarchical all-reduce
-// (hier_allreduce.h), one ShmAllreduce call around the cross-node exchange.
+// (hier_allreduce.h), one ShmAllreduce call around the cross-node exchange, pipelined with it.
 #include <fmt/format.h>
 
 #include <cstring>
@@ -14,6 +14,26 @@ namespace resync::collectives {
 
 using namespace shm;
 
+namespace {
+
+// The exchange's pending transfers are let go if the call leaves early.
+class ExchangeGuard {
+ public:
+  explicit ExchangeGuard(ShmAllreduce::SliceExchange& exchange) : exchange_(exchange) {}
+  ~ExchangeGuard() {
+    if (!done_) exchange_.abandon();
+  }
+  ExchangeGuard(const ExchangeGuard&) = delete;
+  ExchangeGuard& operator=(const ExchangeGuard&) = delete;
+  void done() { done_ = true; }
+
+ private:
+  ShmAllreduce::SliceExchange& exchange_;
+  bool done_ = false;
+};
+
+}  // namespace
+
 void ShmAllreduce::allreduce_hier(std::span<float> data, std::span<const int> node_participants,
                                   uint64_t seq, int n_slices, SliceExchange& exchange) {
   int me = 0;
@@ -24,31 +44,46 @@ void ShmAllreduce::allreduce_hier(std::span<float> data, std::span<const int> no
                                "node",
                                seq, n_slices, p));
   if (data.empty()) return;
-  if (p == 1) {  // nothing to share on this node: the cross-node step is the whole call
-    exchange.exchange_slice(data, seq);
-    return;
-  }
-  const HierSlices sl(data.size(), n_slices, block_elems_);
-  RESYNC_CHECK_ARG(n_slices * sl.piece <= block_elems_,
+  const HierSlices sl(data.size(), n_slices, block_elems_, exchange.max_piece_elems());
+  RESYNC_CHECK_ARG((n_slices + 1) * sl.piece <= block_elems_,
                    fmt::format("hierarchical all-reduce: {} slices do not fit a {}-byte shm "
                                "block; use larger blocks",
                                n_slices, block_bytes()));
   const size_t n_steps = sl.n_steps();
-  RESYNC_CHECK_ARG(4 * n_steps + 5 < kDone,
+  const SliceExchange::Groups groups = exchange.groups(n_steps, sl.piece);
+  const size_t group_steps = groups.steps;
+  // Steps between reducing a piece and sharing it: the window of groups in flight.
+  const size_t lag = group_steps * groups.window;
+  RESYNC_CHECK_ARG(8 * (n_steps + lag) + 20 < kDone,
                    fmt::format("hierarchical all-reduce of {} floats needs more steps than a "
                                "call can count; use larger blocks",
                                data.size()));
   const bool owner = me < n_slices;
-  // Events, every participant publishing all of them in this order. Reduce-scatter: staged(0),
-  // then per step k staged(k+1) and reduced(k). Exchanged. All-gather: shared(0), then per step
-  // shared(k+1) and copied(k), the last one kDone. Staging a step ahead gives peers that much
-  // time before the waits.
-  const auto staged = [](size_t k) { return 2 * k + 1; };
-  const auto reduced = [](size_t k) { return 2 * k + 4; };
-  const uint64_t exchanged = reduced(n_steps - 1) + 1;
-  const auto shared = [exchanged](size_t k) { return exchanged + 2 * k + 1; };
-  const auto copied = [exchanged, n_steps](size_t k) {
-    return k + 1 == n_steps ? kDone : exchanged + 2 * k + 4;
+  const std::span<float> slice =
+      owner ? data.subspan(sl.begin(me), sl.end(me) - sl.begin(me)) : std::span<float>();
+  const size_t group_elems = group_steps * sl.piece;
+  const size_t n_groups = (slice.size() + group_elems - 1) / group_elems;
+
+  if (p == 1) {  // nothing to share on this node: the cross-node step is the whole call
+    ExchangeGuard guard(exchange);
+    exchange.begin(slice, group_elems, seq);
+    for (size_t g = 0; g < n_groups + groups.window; ++g) {
+      if (g < n_groups) exchange.start(g);
+      if (g >= groups.window) exchange.finish(g - groups.window);
+    }
+    guard.done();
+    return;
+  }
+
+  // Events, every participant publishing those that exist in this order. Staged(0); then
+  // iteration i publishes staged(i+1), reduced(i), shared(i+1-lag), copied(i-lag), numbered
+  // 8(i+1) + 1..4; the last copied is kDone. Staging a step ahead gives peers that much time
+  // before the waits; sharing a step ahead of copying does the same for the all-gather.
+  const auto staged = [](size_t k) { return k == 0 ? uint64_t{1} : 8 * k + 1; };
+  const auto reduced = [](size_t k) { return 8 * (k + 1) + 2; };
+  const auto shared = [lag](size_t j) { return 8 * (j + lag) + 3; };
+  const auto copied = [lag, n_steps](size_t j) {
+    return j + 1 == n_steps ? kDone : 8 * (j + lag + 1) + 4;
   };
   const auto wait_owners = [&](Call& call, uint64_t progress) {
     for (int pos = 0; pos < n_slices; ++pos) {
@@ -57,7 +92,10 @@ void ShmAllreduce::allreduce_hier(std::span<float> data, std::span<const int> no
   };
 
   Call call(*this, locals, me, seq, data.size(), Kind::kHier, 0);
-  // Reduce-scatter. Step k goes through half k % 2 of our set, piece s at offset s * piece.
+  // Each half of our set: the reduce-scatter's pieces at s * piece for every slice s (ours
+  // excepted if we own one), then, at n_slices * piece, the all-gather's piece if we own one.
+  // Step k uses half k % 2 of both regions.
+  const size_t gather_at = n_slices * sl.piece;
   const auto stage = [&](size_t k) {
     if (k >= 2) wait_owners(call, reduced(k - 2));  // they read this half at step k-2
     float* half = call.my_block(static_cast<int>(k % 2));
@@ -68,7 +106,8 @@ void ShmAllreduce::allreduce_hier(std::span<float> data, std::span<const int> no
     }
     call.publish(staged(k));
   };
-  // Our piece of step k, in local position order, in place (one rank computes each element).
+  // Our piece of step k, in local position order, in place (one rank computes each element);
+  // at the end of a group its exchange across nodes starts.
   const auto reduce = [&](size_t k) {
     if (owner) {
       call.wait_for_all(staged(k));
@@ -79,49 +118,50 @@ void ShmAllreduce::allreduce_hier(std::span<float> data, std::span<const int> no
       }
       sum_in_order(data.subspan(b, sl.piece_end(me, k) - b),
                    std::span<const float* const>(srcs_.data(), p));
+      const size_t g = k / group_steps;
+      if (g < n_groups && ((k + 1) % group_steps == 0 || k + 1 == n_steps)) exchange.start(g);
     }
     call.publish(reduced(k));
   };
-  // All-gather. An owner stages its piece of step k at the start of half k % 2.
-  const auto share = [&](size_t k) {
+  // An owner finishes a group's exchange before it shares the group's first piece.
+  const auto share = [&](size_t j) {
     if (owner) {
-      // Before reusing a half: owners read it in the reduce-scatter, everyone at step k-2.
-      if (k < 2) wait_owners(call, reduced(n_steps - 1));
-      if (k >= 2) call.wait_for_all(copied(k - 2));
-      const size_t b = sl.piece_begin(me, k);
-      std::memcpy(call.my_block(static_cast<int>(k % 2)), data.data() + b,
-                  (sl.piece_end(me, k) - b) * sizeof(float));
+      if (j % group_steps == 0 && j / group_steps < n_groups) exchange.finish(j / group_steps);
+      if (j >= 2) call.wait_for_all(copied(j - 2));  // they copied this half at step j-2
+      const size_t b = sl.piece_begin(me, j);
+      std::memcpy(call.my_block(static_cast<int>(j % 2)) + gather_at, data.data() + b,
+                  (sl.piece_end(me, j) - b) * sizeof(float));
     }
-    call.publish(shared(k));
+    call.publish(shared(j));
   };
-  const auto copy_out = [&](size_t k) {
+  const auto copy_out = [&](size_t j) {
     for (int i = 1; i <= n_slices; ++i) {
       const int s = (me + i) % n_slices;  // start after our own slice to spread the reads
       if (s == me) continue;
-      call.wait_for(s, shared(k));
-      const size_t b = sl.piece_begin(s, k);
-      std::memcpy(data.data() + b, call.peer_block(s, static_cast<int>(k % 2)),
-                  (sl.piece_end(s, k) - b) * sizeof(float));
+      call.wait_for(s, shared(j));
+      const size_t b = sl.piece_begin(s, j);
+      std::memcpy(data.data() + b, call.peer_block(s, static_cast<int>(j % 2)) + gather_at,
+                  (sl.piece_end(s, j) - b) * sizeof(float));
     }
-    call.publish(copied(k));
+    call.publish(copied(j));
   };
 
   try {
+    ExchangeGuard guard(exchange);
+    if (owner) {
+      exchange.begin(slice, group_elems, seq);
+      call.set_idle(&exchange);
+    }
     claim_set(call);
     stage(0);
-    for (size_t k = 0; k < n_steps; ++k) {
-      if (k + 1 < n_steps) stage(k + 1);
-      reduce(k);
+    for (size_t i = 0; i < n_steps + lag; ++i) {
+      if (i + 1 < n_steps) stage(i + 1);
+      if (i < n_steps) reduce(i);
+      if (i + 1 >= lag && i + 1 - lag < n_steps) share(i + 1 - lag);
+      if (i >= lag) copy_out(i - lag);
+      if (owner) exchange.poll();
     }
-    if (owner && sl.end(me) > sl.begin(me)) {
-      exchange.exchange_slice(data.subspan(sl.begin(me), sl.end(me) - sl.begin(me)), seq);
-    }
-    call.publish(exchanged);
-    share(0);
-    for (size_t k = 0; k < n_steps; ++k) {
-      if (k + 1 < n_steps) share(k + 1);
-      copy_out(k);
-    }
+    guard.done();
     call.finish();
   } catch (const Vanished&) {
     call.mark_vanished();

@@ -190,6 +190,9 @@ class ShmAllreduce::Call {
     shm::store(shm::offset_word(mine_, set), offset_, std::memory_order_relaxed);
   }
   void mark_vanished() { vanished_ = true; }
+  // Called on every poll of a wait (the hierarchical path's transfers across nodes, which only
+  // move while this rank calls into MPI); nullptr: nothing.
+  void set_idle(SliceExchange* idle) { idle_ = idle; }
   // From here on nobody relies on our buffers any more: leaving is not abandoning.
   void finish() { finished_ = true; }
 
@@ -262,6 +265,7 @@ class ShmAllreduce::Call {
         shm_.peer_offset_[pos] = shm::load(shm::offset_word(words, set));
         return;
       }
+      if (idle_ != nullptr) idle_->poll();
       if (!backoff.pause()) {
         throw TimeoutError(
             fmt::format("shared-memory all-reduce seq {}: rank {} waited {} ms for rank {} "
@@ -294,6 +298,7 @@ class ShmAllreduce::Call {
   uint64_t tag_;
   Deadline deadline_;
   uint64_t* mine_;
+  SliceExchange* idle_ = nullptr;
   int set_ = -1;
   uint64_t n_published_ = 0;
   bool finished_ = false;

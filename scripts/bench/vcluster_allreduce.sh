@@ -3,7 +3,9 @@
 # (scripts/vcluster: 2 nodes x 2 ranks on this machine), unshaped and with every link shaped to
 # RATE; REPS runs of `resync bench allreduce` per configuration, one table of medians each
 # (time, algbw, busbw per size and implementation, and the median of the per-run busbw ratio).
-# Needs root. Leaves no cluster behind.
+# Prints the load average before and after each configuration (the cluster shares this
+# machine's cores). Needs root. Leaves no cluster behind; its name is $VCLUSTER_NAME (default
+# vcbench), so that runs of several users do not collide.
 #
 # Usage: scripts/bench/vcluster_allreduce.sh [-r REPS] [-R RATE] [-x RESYNC] [-- BENCH ARGS...]
 #   defaults: 3 runs, 1gbit, build/default/runtime/resync, -b 64K -e 16M -f 4
@@ -23,19 +25,22 @@ bench_args=("$@")
 [[ ${#bench_args[@]} -gt 0 ]] || bench_args=(-b 64K -e 16M -f 4)
 [[ -x $resync ]] || { echo "$0: error: no resync at $resync (-x PATH)" >&2; exit 2; }
 
-export VCLUSTER_NAME=vcbench OMPI_MCA_btl=self,vader,tcp
+export VCLUSTER_NAME=${VCLUSTER_NAME:-vcbench} OMPI_MCA_btl=self,vader,tcp
 tmp=$(mktemp -d)
 trap 'scripts/vcluster down >/dev/null 2>&1 || true; rm -rf "$tmp"' EXIT
 
+load() { cut -d' ' -f1-3 /proc/loadavg; }
 for shaping in unshaped "$rate"; do
   if [[ $shaping == unshaped ]]; then scripts/vcluster up 2 --slots 2; else
     scripts/vcluster up 2 --slots 2 --rate "$shaping"; fi
+  echo "# $shaping: load average before: $(load)" >&2
   for ((i = 1; i <= reps; i++)); do
     echo "# $shaping run $i: scripts/vcluster run -- --host n1:2,n2:2 --oversubscribe" \
          "--bind-to none $resync bench allreduce ${bench_args[*]}" >&2
     scripts/vcluster run -- --host n1:2,n2:2 --oversubscribe --bind-to none \
       "$resync" bench allreduce "${bench_args[@]}" --json "$tmp/$shaping.$i.json" >/dev/null
   done
+  echo "# $shaping: load average after: $(load)" >&2
 done
 
 python3 - "$tmp" "$rate" <<'PY'

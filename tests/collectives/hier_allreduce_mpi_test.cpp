@@ -106,6 +106,11 @@ class HierTest : public ::testing::TestWithParam<Split> {
     o.shm.block_bytes = GetParam().block_bytes;
     o.shm.fake_node_size = k();
     o.small_max_bytes = 256;  // keep the latency paths out of the way of the sizes below
+    if (GetParam().block_bytes < ShmOptions{}.block_bytes) {
+      // Between two nodes: groups of a few steps, a few of them in flight, many per call.
+      o.hier.message_bytes = 4096;
+      o.hier.in_flight_bytes = 16384;
+    }
     return o;
   }
 };
@@ -199,8 +204,9 @@ TEST_P(HierTest, RepeatedCallsAgreeAndDoNotAllocate) {
   EXPECT_EQ(allocations, 0u) << "rank " << world_rank();
 }
 
-// Nodes of k ranks for k = 1 (one rank per node), 2 and 3 with small blocks (many pipeline
-// steps) and the default block; worlds smaller than a node are one node.
+// Nodes of k ranks for k = 1 (one rank per node), 2 and 3 with small blocks and messages (many
+// pipeline steps and groups across nodes) and the defaults; worlds smaller than a node are one
+// node.
 INSTANTIATE_TEST_SUITE_P(FakeNodes, HierTest,
                          ::testing::Values(Split{1, 4096}, Split{2, 4096}, Split{3, 4096},
                                            Split{2, ShmOptions{}.block_bytes},
@@ -221,6 +227,8 @@ TEST(HierFailure, MissingParticipantTimesOutEverywhere) {
   Context ctx(transport, 300ms);
   AllreducerOptions o;
   o.shm.block_bytes = 4096;
+  o.hier.message_bytes = 4096;  // many groups: the timeout strikes with some in flight
+  o.hier.in_flight_bytes = 16384;
   o.shm.fake_node_size = (n + 1) / 2;  // two nodes: 1+1, 2+1, 2+2, 3+2, 3+3
   o.force = AllreducePath::kHier;
   Allreducer allreducer(ctx, o);

@@ -79,7 +79,8 @@ TEST(HierSlices, SlicesCoverTheBufferAtLineBoundaries) {
   for (size_t n : {size_t{0}, size_t{1}, size_t{7}, size_t{33}, size_t{1000003}}) {
     for (int s : {1, 2, 3, 5}) {
       const HierSlices sl(n, s, 4096 / sizeof(float));
-      EXPECT_LE(s * sl.piece, 4096 / sizeof(float));
+      // Room in a block for the staged pieces and an owner's shared piece.
+      EXPECT_LE((s + 1) * sl.piece, 4096 / sizeof(float));
       EXPECT_EQ(sl.begin(0), 0u);
       EXPECT_EQ(sl.end(s - 1), n) << n << " elems, " << s << " slices";
       for (int i = 0; i < s; ++i) {
@@ -97,6 +98,19 @@ TEST(HierSlices, SlicesCoverTheBufferAtLineBoundaries) {
       }
     }
   }
+}
+
+// A piece is also at most one message across nodes (HierOptions::message_bytes), in whole
+// cache lines; without that cap the block alone decides.
+TEST(HierSlices, PieceIsCappedByTheMessageSize) {
+  const size_t block = 128 * 1024 / sizeof(float);
+  EXPECT_EQ(HierSlices(1 << 20, 1, block).piece, block / 2);
+  EXPECT_EQ(HierSlices(1 << 20, 2, block).piece, block / 3 / 16 * 16);
+  const size_t cap = 60 * 1024 / sizeof(float);
+  EXPECT_EQ(HierSlices(1 << 20, 1, block, cap).piece, cap);
+  EXPECT_EQ(HierSlices(1 << 20, 2, block, cap).piece, block / 3 / 16 * 16);
+  EXPECT_EQ(HierSlices(1 << 20, 1, block, 1000).piece, 992u);
+  EXPECT_EQ(HierSlices(1 << 20, 1, block, 3).piece, 16u);  // never below one cache line
 }
 
 }  // namespace
