@@ -6,7 +6,11 @@
 # ratio is the median of each round's ratio to that round's baseline (machines are noisy).
 #
 # Usage: scripts/bench/stragglers.sh [-n RANKS] [-s STEPS] [-d DELAY_SPEC] [-t TIMEOUT_MS] [-r REPS]
-#   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms, 3 rounds
+#                                    [-- TRAIN FLAGS]
+#   defaults: 4 ranks, 300 steps, one:lognormal:30:0.8 (median 30 ms), timeout 10 ms, 3 rounds;
+#   the model is mlp 784-512-512-10 on synthetic data unless train flags after -- say otherwise:
+#   scripts/bench/stragglers.sh -n 3 -s 200 -d one:lognormal:200:0.8 -t 40 -- --model gpt \
+#     --data text:FILE --n-layer 2 --n-embd 64 --context 64 --batch-size 8 --optimizer adamw
 # Across the nodes of a virtual cluster (scripts/vcluster up 2 --rate 1gbit first):
 #   LAUNCH="scripts/vcluster run --" HOSTS=n1:2,n2:2 scripts/bench/stragglers.sh
 set -euo pipefail
@@ -21,19 +25,24 @@ while getopts "n:s:d:t:r:" opt; do
        exit 2 ;;
   esac
 done
+shift $((OPTIND - 1))
+extra=("$@")  # train flags after --: a flag is given once, so not --steps (that is -s)
 
 resync=${RESYNC:-build/default/runtime/resync}
 [ -x "$resync" ] || scripts/build.sh default
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 out=$(mktemp -d)
-common=(train --data synthetic --synthetic-train 40000 --hidden 512,512 --batch-size 64 --progress off
-        --steps "$steps" --log-level warn)
+common=(train --progress off --steps "$steps" --log-level warn)
+# The default workload, unless the extra flags choose another model or data.
+if [[ " ${extra[*]-} " != *" --model "* && " ${extra[*]-} " != *" --data "* ]]; then
+  common+=(--data synthetic --synthetic-train 40000 --hidden 512,512 --batch-size 64)
+fi
 
 run() {  # name, extra flags...
   local name=$1; shift
   ${LAUNCH:-mpirun} -np "$ranks" ${HOSTS:+--host "$HOSTS"} --oversubscribe --bind-to none \
     "$resync" "${common[@]}" \
-    --metrics "$out/$name.jsonl" "$@"
+    --metrics "$out/$name.jsonl" "$@" ${extra[@]+"${extra[@]}"}
 }
 
 for ((rep = 0; rep < reps; ++rep)); do
@@ -44,9 +53,9 @@ for ((rep = 0; rep < reps; ++rep)); do
   run "timeout.$rep" --inject-delay "$delay" --straggler-timeout-ms "$timeout_ms"
 done
 
-python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" "$reps" <<'PY'
+python3 - "$out" "$ranks" "$steps" "$delay" "$timeout_ms" "$reps" "${extra[*]-}" <<'PY'
 import json, statistics, sys
-out, ranks, steps, delay, timeout_ms, reps = sys.argv[1:]
+out, ranks, steps, delay, timeout_ms, reps, extra = sys.argv[1:]
 reps = int(reps)
 
 def load(name):
@@ -60,8 +69,8 @@ def load(name):
     return mean, p99, rows[-1]
 
 base = [load(f"baseline.{k}")[0] for k in range(reps)]
-print(f"{ranks} ranks, {steps} steps, mlp 784-512-512-10, batch 64/rank, --inject-delay {delay}; "
-      f"median of {reps} rounds")
+workload = extra or "mlp 784-512-512-10, batch 64/rank"
+print(f"{ranks} ranks, {steps} steps, {workload}, --inject-delay {delay}; median of {reps} rounds")
 print(f"{'mode':<28}{'mean ms':>10}{'p99 ms':>10}{'x baseline':>12}  {'per round':<20}"
       f"{'dropped':>9}{'catch-ups':>11}")
 for name, label in [("baseline", "no delay (plain sync)"), ("plain", "plain sync"),
