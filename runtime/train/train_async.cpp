@@ -298,7 +298,6 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   const ShardAssignment data_shard{.index = server ? 0 : rank - cfg.ps, .count = n_workers};
   std::unique_ptr<Setup> setup =
       agreed_setup(cfg, rank, world, data_shard, [&] { check_async_flags(cfg); });
-  mpi.mark_setup_agreed();
   Setup& s = *setup;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
@@ -332,7 +331,9 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   bool resumed = false;
   if (!cfg.checkpoint_dir.empty()) {
     std::optional<std::vector<uint64_t>> restored;
-    if (server) {
+    // Agreed on: a checkpoint that cannot resume this run is bad input on every rank (exit 2).
+    agreed(rank, world, [&] {
+      if (!server) return;
       std::vector<std::span<float>> parts = {layout.slice(params, rank)};
       for (size_t j = 0; j < s.optimizer.n_buffers(); ++j) {
         parts.push_back(layout.slice(s.optimizer.buffer(j), rank));
@@ -345,7 +346,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
                                         .optimizer = cfg.optimizer},
                          cfg.checkpoint_keep);
       if (cfg.resume) restored = shard_ckpt->restore(n_workers);
-    }
+    });
     if (cfg.resume) {
       if (std::optional<std::vector<uint64_t>> agreed =
               agree_resume_steps(restored, cfg.ps, n_workers, rank == 0)) {
@@ -364,6 +365,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       }
     }
   }
+  mpi.mark_setup_agreed();
   std::unique_ptr<collectives::TcpControlServer> liveness;  // rank 0: deaths, for the rescue
   std::unique_ptr<collectives::ControlChannel> control;
   std::unique_ptr<collectives::CoordinatorWatch> watch;

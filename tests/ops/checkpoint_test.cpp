@@ -373,6 +373,15 @@ TEST_F(CheckpointTest, ShardStepsOfAnotherWorkerCountAreBadInput) {
   }
 }
 
+// A shard checkpoint of an older build (format version 1: no steps per worker) resumes every
+// worker at its step, the slowest one's.
+TEST_F(CheckpointTest, ShardOfVersion1ResumesEveryWorkerAtItsStep) {
+  Shard a(dir_);
+  const CheckpointMeta m{.step = 6, .model = "mlp 2-2 (4 params) shard 0 of 1", .world_size = 3};
+  write_checkpoint(server_checkpoint_dir(dir_, 0), m, values(4, 1), values(4, 1));
+  EXPECT_EQ(a.ckpt.restore(2), (std::vector<uint64_t>{6, 6}));
+}
+
 // The rescue keeps the state locked after it read it: nothing changes after what it saved.
 TEST(StableState, HeldAfterTheRescueRead) {
   auto* state = new StableState(7);  // leaked: never unlocked, as the process would exit
