@@ -35,10 +35,9 @@ std::optional<std::vector<uint64_t>> ShardCheckpoints::restore(int n_workers) {
   if (!latest) return std::nullopt;
   const CheckpointMeta& saved = latest->checkpoint.meta;
   if (saved.optimizer != meta_.optimizer) {
-    throw InvalidArgument(
-        fmt::format("--resume: checkpoint {} was written with --optimizer {}, "
-                    "this run uses --optimizer {}",
-                    latest->path, saved.optimizer, meta_.optimizer));
+    throw InvalidArgument(fmt::format("--resume: checkpoint {} was written with --optimizer {}, "
+                                      "this run uses --optimizer {}",
+                                      latest->path, saved.optimizer, meta_.optimizer));
   }
   // The file's own record must fit the run that wrote it (its world size less the servers).
   if (!saved.worker_steps.empty() &&

@@ -54,7 +54,6 @@ class ShardCheckpoints {
   // Writes a checkpoint of the shard now (the server's own thread, between updates).
   void save();
 
-  StableState& stable() { return stable_; }
   // What the rescue of this server saves.
   RescuePlan rescue_plan(int rank);
 
