@@ -122,7 +122,7 @@ void ParameterServer::handle(Slot& slot) {
       event.applied = options_.max_staleness < 0 ||
                       event.staleness <= static_cast<uint64_t>(options_.max_staleness);
       if (event.applied) {
-        apply_(slot.grad);
+        apply_(slot.grad, event);
         ++version_;
         ++stats_.applied;
         const uint64_t bin = std::min(event.staleness, kMaxStalenessBin);

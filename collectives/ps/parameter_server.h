@@ -94,7 +94,8 @@ struct ServerOptions {
 // waits for whichever completes first. Not thread-safe; the caller's thread drives the loop.
 class ParameterServer {
  public:
-  using ApplyFn = std::function<void(std::span<const float> grad)>;
+  // `push`: the client and step the gradient is for (its version not yet counted).
+  using ApplyFn = std::function<void(std::span<const float> grad, const RequestEvent& push)>;
   using ObserveFn = std::function<void(const RequestEvent&)>;
 
   // `shard` is the server's copy of its parameters, updated by `apply` (which the server calls

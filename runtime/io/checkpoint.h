@@ -20,8 +20,12 @@ namespace resync::runtime {
 //   body:    u64 step, u32 world size, u32 optimizer (0 sgd, 1 adamw), u64 seed, u64 batch size,
 //            u32 model description length + its bytes,
 //            u64 n_params + the parameters (f32), u64 n_state + the optimizer state (f32)
+//   version 2 only (an async server's shard): then u32 n_workers + n_workers u64, each worker's
+//            own step count (CheckpointMeta::worker_steps)
+// A checkpoint without worker steps (every synchronous one) is written as version 1.
 inline constexpr char kCheckpointMagic[8] = {'R', 'S', 'Y', 'N', 'C', 'K', 'P', 'T'};
-inline constexpr uint32_t kCheckpointVersion = 1;
+inline constexpr uint32_t kCheckpointVersion = 2;  // the newest this build reads and writes
+inline constexpr uint32_t kCheckpointVersionPlain = 1;
 inline constexpr size_t kCheckpointHeaderBytes = 24;
 
 // The run a checkpoint belongs to. `model` and the sizes must match to resume; the others
@@ -36,6 +40,9 @@ struct CheckpointMeta {
   // "sgd" (optimizer state: the velocity) or "adamw" (the first, then the second moment). A
   // checkpoint resumes only with the optimizer that wrote it.
   std::string optimizer = "sgd";
+  // An async server's shard only: the steps each worker (in rank order) has done as far as this
+  // shard holds them, where each continues; `step` is their minimum. Empty otherwise.
+  std::vector<uint64_t> worker_steps = {};
   bool operator==(const CheckpointMeta&) const = default;
 };
 
@@ -74,7 +81,8 @@ std::string write_checkpoint(const std::string& dir, const CheckpointMeta& meta,
                              std::span<const std::span<float>> state);
 
 // Reads and validates a checkpoint file. Throws DataError naming the file and what is wrong
-// (unreadable, truncated, not a checkpoint, unsupported version, CRC mismatch, malformed).
+// (unreadable, truncated, not a checkpoint, unsupported version, CRC mismatch, malformed: e.g.
+// worker steps more than its ranks, or their minimum not its step).
 Checkpoint read_checkpoint(const std::string& path);
 
 // The checkpoint files in `dir` by name (temp files and anything else ignored), ascending step.

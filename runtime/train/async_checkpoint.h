@@ -1,11 +1,11 @@
 // Checkpoints of an asynchronous run (--mode async): each parameter server keeps its own shard
-// (parameters and optimizer state) in its own directory, CHECKPOINT_DIR/server-K/ckpt-N.rsck, written
-// by that server every --checkpoint-every updates, at the end, and by the rescue after a death
-// (rescue.h). N is the run's progress: the steps every worker had pushed when the shard was
-// saved (the smallest worker's count), where a resumed run's workers continue.
+// (parameters and optimizer state) in its own directory, CHECKPOINT_DIR/server-K/ckpt-N.rsck,
+// written by that server every --checkpoint-every updates, at the end, and by the rescue after a
+// death (rescue.h). Next to the shard it records each worker's own step count as far as the shard
+// holds it (format version 2, CheckpointMeta::worker_steps): a resumed run's workers each continue
+// at their own step. N is the slowest worker's count (the run's progress, for `resync launch`).
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -27,23 +27,39 @@ class ShardCheckpoints {
   ShardCheckpoints(std::string dir, int server, int n_servers, std::vector<std::span<float>> parts,
                    CheckpointMeta meta, size_t keep);
 
-  // Loads the newest valid checkpoint of this shard, if any; returns its progress. Throws
-  // InvalidArgument (exit 2) if it belongs to another model, shard layout or optimizer.
-  std::optional<uint64_t> restore();
+  // Loads the newest valid checkpoint of this shard, if any; returns the steps each of the
+  // `n_workers` workers of this run has done as far as it holds them. Throws InvalidArgument
+  // (exit 2) if it belongs to another model, shard layout or optimizer, or its worker steps do
+  // not fit the run that wrote it. One written by a run of another worker count (a relaunch with
+  // fewer ranks), or by an older build (format version 1), resumes every worker at its step.
+  std::optional<std::vector<uint64_t>> restore(int n_workers);
+  // Where this run's workers continue (the servers' agreed steps, at most the restored ones).
+  void resume_at(std::span<const uint64_t> worker_steps);
 
-  // Every push seen (the observer's event): tracks each worker's progress.
-  void saw_push(int worker, uint64_t step);
-  // After every update applied to the shard (under the StableState::Change of apply()).
+  // A push of `worker`'s (its rank's) `step` applied to the shard by `update()`: the shard and the
+  // worker's count change together, under one StableState::Change (a rescue saves both or neither).
+  template <typename Update>
+  void apply(int worker, uint64_t step, Update&& update) {
+    StableState::Change change(stable_);
+    update();
+    note_steps(worker, step + 1);
+    change.done(progress());
+  }
+  // A request that left the shard as it was: a dropped push (`steps_done` = its step + 1) or a
+  // query (its step: the worker has done the steps before it).
+  void saw(int worker, uint64_t steps_done);
+
+  // The slowest worker's count.
   uint64_t progress() const;
   // Writes a checkpoint of the shard now (the server's own thread, between updates).
   void save();
 
-  StableState& stable() { return stable_; }
   // What the rescue of this server saves.
   RescuePlan rescue_plan(int rank);
 
  private:
   CheckpointMeta meta_at(uint64_t progress) const;
+  void note_steps(int worker, uint64_t steps_done);  // `worker`: its rank
 
   std::string dir_;
   int server_;
@@ -51,7 +67,9 @@ class ShardCheckpoints {
   std::vector<std::span<float>> state_;  // parameters, then each optimizer buffer
   CheckpointMeta meta_;
   size_t keep_;
-  std::vector<uint64_t> worker_steps_;  // per worker rank (index by rank): steps pushed
+
+  std::vector<uint64_t> worker_steps_;  // per worker (rank - n_servers): steps done; changed
+                                        // under a StableState::Change only
   StableState stable_{0};
 };
 

@@ -18,10 +18,11 @@ namespace resync::runtime {
 namespace fs = std::filesystem;
 
 bool StableState::read_stable(std::chrono::milliseconds wait,
-                              const std::function<void(uint64_t)>& read) {
+                              const std::function<void(uint64_t)>& read, bool hold) {
   std::unique_lock<std::timed_mutex> lock(mu_, std::defer_lock);
   if (!lock.try_lock_for(wait) || torn_) return false;
   read(step_);
+  if (hold) lock.release();  // stays locked until the process ends
   return true;
 }
 
@@ -110,7 +111,7 @@ void rescue_if_armed(const std::string& why) {
       log->info("rank {} holds no state of its own to save", plan->rank);
     } else if (const bool saved = plan->stable->read_stable(
                    std::chrono::duration_cast<std::chrono::milliseconds>(kChangeWait),
-                   [&](uint64_t step) { save(*plan, step, plan->state()); });
+                   [&](uint64_t step) { save(*plan, step, plan->state()); }, /*hold=*/true);
                !saved) {
       log->warn(
           "rank {}: its state was being changed (a catch-up or update that cannot end); "

@@ -43,8 +43,11 @@ class StableState {
   };
 
   // Runs `read(step)` while no change is under way, if one ends within `wait` and left the
-  // state complete. Returns false (read not called) otherwise.
-  bool read_stable(std::chrono::milliseconds wait, const std::function<void(uint64_t)>& read);
+  // state complete. Returns false (read not called) otherwise. With `hold`, no change starts
+  // after the read (the rescue: the process exits next, so that nothing, e.g. an async server's
+  // next update, lands beyond the state it saved).
+  bool read_stable(std::chrono::milliseconds wait, const std::function<void(uint64_t)>& read,
+                   bool hold = false);
 
  private:
   std::timed_mutex mu_;

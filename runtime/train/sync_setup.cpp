@@ -18,20 +18,6 @@
 namespace resync::runtime {
 namespace {
 
-// Runs `fn` on every rank and agrees on success, as agreed_setup does: the lowest failing rank
-// rethrows its error (one report), the others throw PeerSetupFailed.
-void agreed(int rank, int world, const std::function<void()>& fn) {
-  std::exception_ptr error;
-  try {
-    fn();
-  } catch (const Error&) {
-    error = std::current_exception();
-  }
-  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
-  if (first_failed == rank) std::rethrow_exception(error);
-  if (first_failed < world) throw PeerSetupFailed();
-}
-
 #ifdef RESYNC_WITH_CUDA
 // --collective nccl (plain sync on GPUs, which validate_for_world enforces): NCCL over the
 // device gradient; every rank takes part, so the members are all of them.

@@ -22,6 +22,7 @@
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "base/error.h"
@@ -82,6 +83,38 @@ void check_async_flags(const TrainConfig& cfg) {
   }
 }
 
+// Where each worker continues after --resume. Each server restored the steps its shard holds per
+// worker (`restored`; nullopt: no checkpoint); a worker continues at the smallest, so no shard
+// misses a push (one holding it already applies it again: a step redone). A dead server's shard
+// comes from its last periodic checkpoint, and so then do the steps. No checkpoint of shard 0:
+// a fresh start (nullopt); another server without one is left out (its shard starts afresh).
+std::optional<std::vector<uint64_t>> agree_resume_steps(
+    const std::optional<std::vector<uint64_t>>& restored, int n_servers, int n_workers,
+    bool report) {
+  std::optional<std::vector<uint64_t>> agreed;
+  for (int k = 0; k < n_servers; ++k) {
+    const std::string text = collectives::broadcast_string(
+        restored ? fmt::format("{}", fmt::join(*restored, " ")) : std::string("none"), k);
+    if (text == "none") {
+      if (k == 0) break;
+      if (report) {
+        log::get("train")->warn("--resume: no checkpoint of shard {}: it starts afresh", k);
+      }
+      continue;
+    }
+    std::vector<uint64_t> steps;
+    std::istringstream in(text);
+    for (uint64_t v = 0; in >> v;) steps.push_back(v);
+    RESYNC_CHECK(steps.size() == static_cast<size_t>(n_workers), "server steps of other workers");
+    if (!agreed) {
+      agreed = std::move(steps);
+    } else {
+      for (size_t w = 0; w < steps.size(); ++w) (*agreed)[w] = std::min((*agreed)[w], steps[w]);
+    }
+  }
+  return agreed;
+}
+
 // What one worker did, summed over workers at the end.
 struct WorkerCounts {
   uint64_t steps = 0;
@@ -89,8 +122,9 @@ struct WorkerCounts {
   uint64_t refreshed = 0;  // steps discarded before pushing because the copy was too stale
 };
 
+// `first_step`: this worker's own resume point; `resumed`: the servers hold restored shards.
 WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::ShardLayout& layout,
-                        uint64_t first_step) {
+                        uint64_t first_step, bool resumed) {
   const TrainConfig& cfg = s.cfg;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
@@ -99,7 +133,7 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::
   const OptimizerConfig clip = optimizer_config(cfg, s.total_steps);
   WorkerCounts counts;
   double prev_exchange_ms = 0;
-  if (first_step > 0) client.pull(params);  // a resumed run: the servers' restored shards
+  if (resumed) client.pull(params);  // the servers' restored shards
   for (uint64_t step = first_step; step < s.total_steps; ++step) {
     // Forward and backward on this worker's own mini-batch, with the parameters it holds.
     const Clock::time_point t0 = Clock::now();
@@ -205,10 +239,13 @@ class Rank0Monitor {
         last_eval_.elapsed_s);
   }
 
-  // A resumed run: every worker has done `steps` already.
-  void resumed_at(uint64_t steps) {
-    for (size_t w = static_cast<size_t>(s_.cfg.ps); w < progress_.size(); ++w) progress_[w] = steps;
-    total_progress_ = steps * uint64_t(n_workers_);
+  // A resumed run: worker k (rank ps + k) has done worker_steps[k] steps already.
+  void resumed_at(std::span<const uint64_t> worker_steps) {
+    total_progress_ = 0;
+    for (size_t k = 0; k < worker_steps.size(); ++k) {
+      progress_[static_cast<size_t>(s_.cfg.ps) + k] = worker_steps[k];
+      total_progress_ += worker_steps[k];
+    }
     epochs_evaluated_ = total_progress_ / (s_.sampler.steps_per_epoch() * uint64_t(n_workers_));
   }
 
@@ -261,7 +298,6 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   const ShardAssignment data_shard{.index = server ? 0 : rank - cfg.ps, .count = n_workers};
   std::unique_ptr<Setup> setup =
       agreed_setup(cfg, rank, world, data_shard, [&] { check_async_flags(cfg); });
-  mpi.mark_setup_agreed();
   Setup& s = *setup;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
@@ -289,11 +325,15 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
     }
   }
 
-  // Checkpoints of this server's shard, and the resume point every worker continues from.
+  // Checkpoints of this server's shard, and where each worker continues (its own step).
   std::optional<ShardCheckpoints> shard_ckpt;
-  uint64_t first_step = 0;
+  std::vector<uint64_t> resume_steps(static_cast<size_t>(n_workers), 0);  // by worker index
+  bool resumed = false;
   if (!cfg.checkpoint_dir.empty()) {
-    if (server) {
+    std::optional<std::vector<uint64_t>> restored;
+    // Agreed on: a checkpoint that cannot resume this run is bad input on every rank (exit 2).
+    agreed(rank, world, [&] {
+      if (!server) return;
       std::vector<std::span<float>> parts = {layout.slice(params, rank)};
       for (size_t j = 0; j < s.optimizer.n_buffers(); ++j) {
         parts.push_back(layout.slice(s.optimizer.buffer(j), rank));
@@ -305,15 +345,27 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
                                         .batch_size = cfg.batch_size,
                                         .optimizer = cfg.optimizer},
                          cfg.checkpoint_keep);
-      if (cfg.resume) first_step = shard_ckpt->restore().value_or(0);
-    }
-    // Server 0 sees every push: its progress is where the workers continue.
-    first_step = std::stoull(collectives::broadcast_string(std::to_string(first_step), 0));
-    if (rank == 0 && cfg.resume) {
-      log->info("--resume: every worker continues at step {}{}", first_step,
-                first_step == 0 ? " (no checkpoint of shard 0: a fresh start)" : "");
+      if (cfg.resume) restored = shard_ckpt->restore(n_workers);
+    });
+    if (cfg.resume) {
+      if (std::optional<std::vector<uint64_t>> agreed =
+              agree_resume_steps(restored, cfg.ps, n_workers, rank == 0)) {
+        for (size_t k = 0; k < resume_steps.size(); ++k) {
+          resume_steps[k] = std::min((*agreed)[k], s.total_steps);
+        }
+        resumed = true;
+      }
+      if (shard_ckpt) shard_ckpt->resume_at(resume_steps);
+      if (rank == 0) {
+        if (resumed) {
+          log->info("--resume: the workers continue at their own steps {}", resume_steps);
+        } else {
+          log->info("--resume: no checkpoint of shard 0: a fresh start");
+        }
+      }
     }
   }
+  mpi.mark_setup_agreed();
   std::unique_ptr<collectives::TcpControlServer> liveness;  // rank 0: deaths, for the rescue
   std::unique_ptr<collectives::ControlChannel> control;
   std::unique_ptr<collectives::CoordinatorWatch> watch;
@@ -347,25 +399,26 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       // bias correction and the learning-rate schedule follow it.
       std::span<float> shard = layout.slice(params, rank);
       // This server's version: names the update a bad gradient was for. A resumed run counts
-      // on from the updates every worker's pushes up to the resume point made.
-      uint64_t updates = first_step * uint64_t(n_workers);
+      // on from the updates the workers' pushes up to their resume points made.
+      uint64_t updates = std::accumulate(resume_steps.begin(), resume_steps.end(), uint64_t{0});
       std::vector<int> clients = rank_range(cfg.ps, world);
       if (rank != 0) clients.insert(clients.begin(), 0);  // rank 0 pulls shards to evaluate
       if (rank == 0) monitor.emplace(s, ctx, layout, start);
-      if (monitor) monitor->resumed_at(first_step);
+      if (monitor) monitor->resumed_at(resume_steps);
       collectives::ParameterServer ps(
           ctx, shard, clients,
           {.max_staleness = cfg.max_staleness,
            .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000))},
-          [&](std::span<const float> grad) {
+          [&](std::span<const float> grad, const collectives::RequestEvent& push) {
             // Workers check before pushing; a non-finite gradient is never applied regardless.
             check_finite_values(grad, "gradient received by the parameter server", updates, rank);
+            auto update = [&] {
+              s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
+            };
             if (shard_ckpt) {
-              StableState::Change change(shard_ckpt->stable());
-              s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
-              change.done(shard_ckpt->progress());
+              shard_ckpt->apply(push.client, push.step, update);  // with the worker's count
             } else {
-              s.optimizer.step(shard, grad, 1.0f, updates, layout.offset(rank));
+              update();
             }
             ++updates;
             if (shard_ckpt && cfg.checkpoint_every > 0 && updates % cfg.checkpoint_every == 0) {
@@ -373,8 +426,12 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
             }
           },
           [&](const collectives::RequestEvent& e) {
-            if (shard_ckpt && e.kind == collectives::PsRequestKind::kPush) {
-              shard_ckpt->saw_push(e.client, e.step);
+            // The worker's step is done without changing the shard: a dropped push; a query
+            // comes before a step, so the ones before it are done.
+            if (shard_ckpt && e.kind == collectives::PsRequestKind::kPush && !e.applied) {
+              shard_ckpt->saw(e.client, e.step + 1);
+            } else if (shard_ckpt && e.kind == collectives::PsRequestKind::kQuery) {
+              shard_ckpt->saw(e.client, e.step);
             }
             if (monitor) monitor->observe(e);
           });
@@ -383,7 +440,8 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       if (monitor) monitor->release_other_servers();
       stats = ps.stats();
     } else {
-      counts = run_worker(s, ctx, layout, first_step);
+      counts =
+          run_worker(s, ctx, layout, resume_steps[static_cast<size_t>(rank - cfg.ps)], resumed);
     }
     if (control) control->finish(0);  // every rank is done: the watches get END
   } catch (const CommError& e) {

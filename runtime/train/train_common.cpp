@@ -101,6 +101,18 @@ std::unique_ptr<Setup> agreed_setup(const TrainConfig& cfg, int rank, int world,
   throw PeerSetupFailed();
 }
 
+void agreed(int rank, int world, const std::function<void()>& fn) {
+  std::exception_ptr error;
+  try {
+    fn();
+  } catch (const Error&) {
+    error = std::current_exception();
+  }
+  const int first_failed = collectives::lowest_failed_rank(error != nullptr);
+  if (first_failed == rank) std::rethrow_exception(error);
+  if (first_failed < world) throw PeerSetupFailed();
+}
+
 bool is_quiet_peer_failure(const std::exception& e) {
   return dynamic_cast<const PeerSetupFailed*>(&e) != nullptr ||
          dynamic_cast<const PeerDeviceFailed*>(&e) != nullptr;

@@ -84,6 +84,10 @@ std::unique_ptr<Setup> agreed_setup(const TrainConfig& cfg, int rank, int world,
                                     ShardAssignment shard,
                                     const std::function<void()>& extra_checks = {});
 
+// Runs `fn` on every rank and agrees on success, as agreed_setup does (collective): the lowest
+// failing rank rethrows its error (one report), the others throw PeerSetupFailed.
+void agreed(int rank, int world, const std::function<void()>& fn);
+
 // Test-set loss and accuracy of the model's current parameters, in batches of `batch_size`
 // (x and y are scratch buffers of one batch).
 EvalRecord evaluate(models::Model& model, const Dataset& test, size_t batch_size,

@@ -7,9 +7,11 @@ Each scenario asserts and exits non-zero with a message naming what differed.
 import json
 import os
 import re
+import struct
 import sys
 import tempfile
 import time
+import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from e2e_util import E2e  # noqa: E402
@@ -248,6 +250,23 @@ def scenario_bad_input():
     ]
     for np, args, mention in cases:
         expect_bad_input(np, args, mention)
+    # --resume from a shard checkpoint that cannot continue this run: one line, exit 2 on
+    # every rank (agreed on), whether the optimizer differs or its workers' steps do not fit.
+    ckpt = os.path.join(TMP, "bad_resume_ckpt")
+    small = QUICK + ["--ps", "1", "--steps", "10", "--checkpoint-dir", ckpt]
+    train(3, small, "bad_resume")
+    expect_bad_input(3, ["train"] + small + ["--resume", "--optimizer", "adamw"], "--optimizer")
+    shard = os.path.join(ckpt, "server-0")
+    path = os.path.join(shard, sorted(os.listdir(shard))[-1])
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if struct.unpack_from("<I", data, 8)[0] != 2:
+        fail(f"{path}: an async shard checkpoint should be format version 2 (worker steps)")
+    struct.pack_into("<I", data, 32, 4)  # world size 4: 3 workers, but it records 2
+    struct.pack_into("<I", data, 12, zlib.crc32(bytes(data[:12]) + bytes(data[16:])))
+    with open(path, "wb") as f:
+        f.write(data)
+    expect_bad_input(3, ["train"] + small + ["--resume"], "steps of 2 workers")
 
 
 def scenario_non_finite_flags():

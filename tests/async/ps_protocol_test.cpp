@@ -59,6 +59,7 @@ TEST(ParameterServer, OneClientSeesEveryUpdateWithStalenessZero) {
   LoopbackFabric fabric(2);
   std::vector<float> server_shard(kParams, 1.0f);
   std::vector<RequestEvent> events;
+  std::vector<uint64_t> applied_steps;  // the steps apply() was told, in order
   ServerStats stats;
   std::vector<float> client_params(kParams, 1.0f);
   run_on_ranks(fabric, [&](Transport& t) {
@@ -66,7 +67,12 @@ TEST(ParameterServer, OneClientSeesEveryUpdateWithStalenessZero) {
     const ShardLayout layout(kParams, 1);
     if (t.rank() == 0) {
       ParameterServer ps(
-          ctx, server_shard, {1}, {}, [&](std::span<const float> g) { add_into(server_shard, g); },
+          ctx, server_shard, {1}, {},
+          [&](std::span<const float> g, const RequestEvent& push) {
+            applied_steps.push_back(push.step);
+            EXPECT_EQ(push.client, 1);
+            add_into(server_shard, g);
+          },
           [&](const RequestEvent& e) { events.push_back(e); });
       ps.run();
       stats = ps.stats();
@@ -92,7 +98,9 @@ TEST(ParameterServer, OneClientSeesEveryUpdateWithStalenessZero) {
     EXPECT_EQ(server_shard[i], expected) << "index " << i;
   }
   ASSERT_EQ(events.size(), size_t(kPushes));
+  ASSERT_EQ(applied_steps.size(), size_t(kPushes));
   for (int step = 0; step < kPushes; ++step) {
+    EXPECT_EQ(applied_steps[size_t(step)], uint64_t(step));
     const RequestEvent& e = events[size_t(step)];
     EXPECT_EQ(e.kind, PsRequestKind::kPush);
     EXPECT_EQ(e.client, 1);
@@ -124,8 +132,9 @@ TEST(ParameterServer, ConcurrentClientsOnTwoShardsApplyEveryGradientOnce) {
     const int r = t.rank();
     if (r < kServers) {
       std::span<float> shard = layout.slice(std::span<float>(truth), r);
-      ParameterServer ps(ctx, shard, clients, {},
-                         [&](std::span<const float> g) { add_into(shard, g); });
+      ParameterServer ps(
+          ctx, shard, clients, {},
+          [&](std::span<const float> g, const RequestEvent&) { add_into(shard, g); });
       ps.run();
       stats[size_t(r)] = ps.stats();
       final_versions[size_t(r)] = ps.version();
@@ -168,8 +177,9 @@ TEST(ParameterServer, StalenessBoundDropsAndQueryPullRefresh) {
     const ShardLayout layout(kParams, 1);
     std::vector<float> params(kParams, 0.0f), grad(kParams, 1.0f);
     if (t.rank() == 0) {
-      ParameterServer ps(ctx, shard, {1, 2}, {.max_staleness = 1},
-                         [&](std::span<const float> g) { add_into(shard, g); });
+      ParameterServer ps(
+          ctx, shard, {1, 2}, {.max_staleness = 1},
+          [&](std::span<const float> g, const RequestEvent&) { add_into(shard, g); });
       ps.run();
       stats = ps.stats();
     } else if (t.rank() == 1) {
@@ -220,8 +230,9 @@ TEST(ParameterServer, SilentClientDelaysNobody) {
     const ShardLayout layout(kParams, 1);
     std::vector<float> params(kParams, 0.0f), grad(kParams, 1.0f);
     if (t.rank() == 0) {
-      ParameterServer ps(ctx, shard, {1, 2, 3}, {},
-                         [&](std::span<const float> g) { add_into(shard, g); });
+      ParameterServer ps(
+          ctx, shard, {1, 2, 3}, {},
+          [&](std::span<const float> g, const RequestEvent&) { add_into(shard, g); });
       ps.run();
     } else if (t.rank() < 3) {
       ParameterClient client(ctx, layout, {0});
@@ -249,8 +260,9 @@ TEST(ParameterServer, PushFromTheFutureIsCommError) {
                             [&](Transport& t) {
                               Context ctx(t, 5s);
                               if (t.rank() == 0) {
-                                ParameterServer ps(ctx, shard, {1}, {},
-                                                   [&](std::span<const float>) {});
+                                ParameterServer ps(
+                                    ctx, shard, {1}, {},
+                                    [&](std::span<const float>, const RequestEvent&) {});
                                 ps.run();
                               } else {
                                 // A client claiming version 5 of a shard still at version 0.

@@ -14,9 +14,10 @@ Usage: fault_death.py RESYNC_BINARY MPIEXEC SCENARIO
   rank0_stop rank 0 frozen past --coordinator-timeout-s (plain sync)
   ckpt_write rank 0 dies while it writes a checkpoint every step (the previous stays valid)
   catch_up   a rank dies while catch-ups run every step (one backup worker, one slow rank)
-  async_worker  async mode, 2 servers: worker rank 3 dies
-  async_server  async mode, 2 servers: server rank 1 dies (its shard resumes from its last
-                periodic checkpoint)
+  async_worker  async mode, 2 servers: worker rank 3 dies; each worker resumes at its own step,
+                redoing at most one
+  async_server  async mode, 2 servers: server rank 1 dies (its shard, and the workers' steps,
+                resume from its last periodic checkpoint)
 """
 import json
 import os
@@ -187,25 +188,48 @@ elif SCENARIO in ("async_worker", "async_server"):
     summary = records(metrics, "summary")[-1]
     if summary["ranks_agree"] is not True:
         fail(f"replicas disagree at the end: {summary}")
-    # Where the relaunched workers began: the first record after a worker's step went back.
-    last, resumed_at = {}, None
+    # The runs in the metrics file: rank 0's step records of one run have a rising elapsed_s,
+    # which starts again after the relaunch.
+    runs, prev = [], None
     for r in records(metrics, "step"):
-        if resumed_at is None and r["step"] <= last.get(r["worker"], -1):
-            resumed_at = r["step"]
+        if prev is None or r["elapsed_s"] < prev:
+            runs.append([])
+        runs[-1].append(r)
+        prev = r["elapsed_s"]
+    if len(runs) < 2:
+        fail(f"no relaunched run in the step records ({len(runs)} run(s))\n{err[-3000:]}")
+    # Each worker continues at its own step: the steps it pushed before the death and pushes
+    # again after it (its last record before minus its first after, plus one).
+    last = {}
+    for r in runs[0]:
         last[r["worker"]] = r["step"]
-    if not resumed_at:
-        fail(f"the relaunched workers did not resume (first step {resumed_at})\n{err[-3000:]}")
+    first = {}
+    for r in runs[1]:
+        first.setdefault(r["worker"], r["step"])
+    redone = {w: last[w] - first[w] + 1 for w in sorted(last) if w in first}
+    if len(redone) != NP - 2:
+        fail(f"workers with records before and after the relaunch: {sorted(redone)}; before "
+             f"{last}, after {first}")
+    # A dead worker: every server saved its shard and each worker's steps with it, so at most
+    # the step in flight is done again (the dead worker's too). A dead server's shard and the
+    # steps come from its last periodic checkpoint (--checkpoint-every), so more are redone.
+    if SCENARIO == "async_worker" and max(redone.values()) > 1:
+        fail(f"steps redone per worker {redone} (at most 1 each): last before the death {last}, "
+             f"first after the relaunch {first}")
+    if not any(first.values()):
+        fail(f"the relaunched workers did not resume (first steps {first})\n{err[-3000:]}")
     # Asynchronous SGD's progress varies from run to run (staleness); what must hold is that the
     # relaunch continued from trained parameters, not from scratch: a loss far below chance
     # (ln 10 = 2.30) soon after it resumed.
     losses = [r["loss"] for r in records(metrics, "step")]
     if any(l is None for l in losses):
         fail("a non-finite loss was recorded")
-    after = [r["loss"] for r in records(metrics, "step") if r["step"] >= resumed_at][:40]
+    after = [r["loss"] for r in runs[1]][:40]
     if not after or min(after) > 1.5:
         fail(f"the relaunched workers start from untrained parameters: losses {after[:10]}")
-    print(f"PASS [{SCENARIO}]: workers resumed near step {resumed_at}, first losses after it "
-          f"down to {min(after):.3f}, replicas agree")
+    print(f"PASS [{SCENARIO}]: workers resumed at their own steps {first} (last before "
+          f"{last}: redone {redone}), first losses after it down to {min(after):.3f}, replicas "
+          f"agree")
 
 else:
     fail(f"unknown scenario {SCENARIO}")

@@ -15,6 +15,7 @@
 
 #include "base/error.h"
 #include "runtime/io/checkpoint.h"
+#include "runtime/train/async_checkpoint.h"
 #include "runtime/train/preemption.h"
 
 namespace resync::runtime {
@@ -181,7 +182,7 @@ TEST_F(CheckpointTest, OtherFormatVersionIsRejected) {
   std::memcpy(bytes.data() + 8, &future, sizeof(future));
   put(path, bytes);
   const std::string error = read_error(path);
-  EXPECT_NE(error.find("format version 2"), std::string::npos) << error;
+  EXPECT_NE(error.find("format version " + std::to_string(future)), std::string::npos) << error;
 }
 
 TEST_F(CheckpointTest, MissingFileIsADataError) {
@@ -283,6 +284,110 @@ TEST_F(CheckpointTest, PrepareRejectsAnUnusableDirectory) {
 
 TEST_F(CheckpointTest, WriteFailureIsAnError) {
   EXPECT_THROW(write_checkpoint(dir_ + "/absent", meta(1), values(4, 0), values(4, 0)), Error);
+}
+
+// ---- an async server's shard: each worker's own steps (format version 2) -------------------
+
+std::string version_word(const std::vector<char>& bytes) {
+  uint32_t v = 0;
+  std::memcpy(&v, bytes.data() + 8, sizeof(v));
+  return std::to_string(v);
+}
+
+TEST_F(CheckpointTest, WorkerStepsRoundTripAsVersion2AndPlainStaysVersion1) {
+  CheckpointMeta m = meta(5);
+  m.worker_steps = {9, 5};  // world 3: two workers besides one server
+  const std::string path = write_checkpoint(dir_, m, values(6, 1.0f), values(6, 2.0f));
+  EXPECT_EQ(read_checkpoint(path).meta, m);
+  EXPECT_EQ(version_word(bytes_of(path)), "2");
+  EXPECT_EQ(version_word(bytes_of(write(6))), "1") << "a sync checkpoint must stay version 1";
+  const std::vector<char> good = bytes_of(path);
+  const std::string damaged = dir_ + "/damaged";
+  for (size_t i = 0; i < good.size(); ++i) {
+    std::vector<char> bad = good;
+    bad[i] ^= 0x10;
+    put(damaged, bad);
+    EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " went unnoticed";
+  }
+}
+
+TEST_F(CheckpointTest, WorkerStepsThatDoNotFitTheHeaderAreMalformed) {
+  CheckpointMeta m = meta(4);
+  m.worker_steps = {5, 9};  // their minimum is not the step
+  std::string error = read_error(write_checkpoint(dir_, m, values(2, 1), values(2, 1)));
+  EXPECT_NE(error.find("malformed"), std::string::npos) << error;
+  EXPECT_NE(error.find("worker steps"), std::string::npos) << error;
+  m.worker_steps = {4, 4, 4};  // as many workers as ranks
+  error = read_error(write_checkpoint(dir_, m, values(2, 1), values(2, 1)));
+  EXPECT_NE(error.find("worker count"), std::string::npos) << error;
+}
+
+// A server's shard of 4 parameters and their velocity, for ShardCheckpoints (ranks: server 0,
+// workers 1 and 2).
+struct Shard {
+  std::vector<float> params = std::vector<float>(4, 0.0f);
+  std::vector<float> velocity = std::vector<float>(4, 0.0f);
+  ShardCheckpoints ckpt;
+  explicit Shard(const std::string& dir, int world = 3)
+      : ckpt(dir, 0, 1, {std::span<float>(params), std::span<float>(velocity)},
+             CheckpointMeta{.model = "mlp 2-2 (4 params)", .world_size = world}, 2) {}
+};
+
+TEST_F(CheckpointTest, ShardResumesEachWorkerAtItsOwnStep) {
+  {
+    Shard a(dir_);
+    for (uint64_t step = 0; step < 5; ++step) {  // worker 2 pushes steps 0..4
+      a.ckpt.apply(2, step, [&] { a.params[0] += 1; });
+    }
+    a.ckpt.apply(1, 0, [&] { a.params[1] += 1; });
+    a.ckpt.saw(1, 2);  // worker 1's push of step 1 dropped as stale: done all the same
+    a.ckpt.saw(2, 5);  // worker 2 queries before step 5: nothing new
+    EXPECT_EQ(a.ckpt.progress(), 2u);
+    // What the rescue saves: the shard and the steps as one.
+    RescuePlan plan = a.ckpt.rescue_plan(0);
+    ASSERT_TRUE(plan.stable->read_stable(std::chrono::milliseconds(100), [&](uint64_t step) {
+      EXPECT_EQ(step, 2u);
+      EXPECT_EQ(plan.meta(step).worker_steps, (std::vector<uint64_t>{2, 5}));
+    }));
+    a.ckpt.save();
+  }
+  EXPECT_TRUE(fs::exists(fs::path(server_checkpoint_dir(dir_, 0)) / "ckpt-000000002.rsck"));
+  Shard b(dir_);
+  EXPECT_EQ(b.ckpt.restore(2), (std::vector<uint64_t>{2, 5}));
+  EXPECT_EQ(b.params, (std::vector<float>{5, 1, 0, 0}));
+  // A relaunch with fewer workers: each continues at the slowest one's step.
+  Shard c(dir_, 2);
+  EXPECT_EQ(c.ckpt.restore(1), (std::vector<uint64_t>{2}));
+}
+
+TEST_F(CheckpointTest, ShardStepsOfAnotherWorkerCountAreBadInput) {
+  Shard a(dir_);
+  CheckpointMeta m{.step = 3, .model = "mlp 2-2 (4 params) shard 0 of 1", .world_size = 4,
+                   .worker_steps = {3, 7}};  // 4 ranks, 1 server: 3 workers, not 2
+  write_checkpoint(server_checkpoint_dir(dir_, 0), m, values(4, 1), values(4, 1));
+  try {
+    a.ckpt.restore(2);
+    FAIL() << "a record of 2 workers from a run of 3 was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("steps of 2 workers"), std::string::npos) << e.what();
+  }
+}
+
+// A shard checkpoint of an older build (format version 1: no steps per worker) resumes every
+// worker at its step, the slowest one's.
+TEST_F(CheckpointTest, ShardOfVersion1ResumesEveryWorkerAtItsStep) {
+  Shard a(dir_);
+  const CheckpointMeta m{.step = 6, .model = "mlp 2-2 (4 params) shard 0 of 1", .world_size = 3};
+  write_checkpoint(server_checkpoint_dir(dir_, 0), m, values(4, 1), values(4, 1));
+  EXPECT_EQ(a.ckpt.restore(2), (std::vector<uint64_t>{6, 6}));
+}
+
+// The rescue keeps the state locked after it read it: nothing changes after what it saved.
+TEST(StableState, HeldAfterTheRescueRead) {
+  auto* state = new StableState(7);  // leaked: never unlocked, as the process would exit
+  EXPECT_TRUE(state->read_stable(std::chrono::milliseconds(100), [](uint64_t) {}, true));
+  EXPECT_FALSE(state->read_stable(std::chrono::milliseconds(20), [](uint64_t) {}))
+      << "the state was free again after a holding read";
 }
 
 // ---- preemption signals ----------------------------------------------------------------
