@@ -19,10 +19,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <optional>
 #include <sstream>
+#include <stop_token>
 #include <thread>
 
 #include "base/error.h"
@@ -41,6 +43,8 @@
 #include "runtime/train/checksum.h"
 #include "runtime/train/finite.h"
 #include "runtime/train/inject_delay.h"
+#include "runtime/train/preemption.h"
+#include "runtime/train/rescue.h"
 #include "runtime/train/train.h"
 #include "runtime/train/train_common.h"
 
@@ -384,6 +388,24 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
     watch = std::make_unique<collectives::CoordinatorWatch>(
         endpoint, rank, cfg.coordinator_timeout_s,
         [](const std::string& why) { rescue_if_armed(why); });
+  }
+  // mpirun sends the survivors of a death SIGTERM (SIGKILL a second later), Slurm a preempted
+  // job too: with a checkpoint directory the signal starts the rescue instead of ending the
+  // server before it has saved its shard. The rescue is not async-signal-safe, hence a thread
+  // that watches the handler's flag. Once the rescue is disarmed, the signal ends the process.
+  std::optional<PreemptionSignals> signals;
+  std::jthread signal_watch;
+  if (!cfg.checkpoint_dir.empty()) {
+    signals.emplace();
+    signal_watch = std::jthread([&signals](const std::stop_token& stop) {
+      while (!stop.stop_requested()) {
+        if (const int signo = signals->received(); signo != 0) {
+          rescue_if_armed("received " + PreemptionSignals::name(signo));
+          std::_Exit(128 + signo);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    });
   }
 
   const Clock::time_point start = Clock::now();
