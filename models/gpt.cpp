@@ -7,6 +7,19 @@
 
 namespace resync::models {
 
+ModelSpec gpt_spec(size_t n_layer, size_t n_head, size_t n_embd, size_t context, size_t vocab) {
+  ModelSpec spec;
+  spec.name = "gpt";
+  spec.in_channels = 1;
+  spec.in_height = 1;
+  spec.in_width = context;
+  spec.n_classes = vocab;
+  spec.n_layer = n_layer;
+  spec.n_head = n_head;
+  spec.n_embd = n_embd;
+  return spec;
+}
+
 LayerStack build_gpt(const ModelSpec& spec) {
   const size_t V = spec.n_classes, T = spec.input_size(), C = spec.n_embd;
   const size_t L = spec.n_layer, NH = spec.n_head;

@@ -18,6 +18,10 @@ namespace resync::models {
 // Throws InvalidArgument for zero sizes or heads that do not divide the width.
 LayerStack build_gpt(const ModelSpec& spec);
 
+// The spec of a gpt: n_layer blocks of n_head heads, width n_embd, `context` tokens per sample
+// from a vocabulary of `vocab`.
+ModelSpec gpt_spec(size_t n_layer, size_t n_head, size_t n_embd, size_t context, size_t vocab);
+
 // Parameters of the gpt shape (what build_gpt's model holds).
 size_t gpt_n_params(size_t vocab, size_t context, size_t n_layer, size_t n_embd);
 

@@ -11,6 +11,7 @@
 
 #include "base/random.h"
 #include "kernels/gemm.h"
+#include "models/gpt.h"
 #include "runtime/train/replica.h"
 
 namespace resync::runtime {
@@ -98,12 +99,7 @@ int run_step_bench(const StepBenchConfig& cfg) {
   spec.name = cfg.model;
   spec.hidden = cfg.hidden;
   if (cfg.model == "gpt") {  // byte text: T token ids per sample, 256 classes
-    spec.in_height = 1;
-    spec.in_width = cfg.context;
-    spec.n_classes = 256;
-    spec.n_layer = cfg.n_layer;
-    spec.n_head = cfg.n_head;
-    spec.n_embd = cfg.n_embd;
+    spec = models::gpt_spec(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.context, 256);
   }
   const models::LayerStack shape = models::build_layer_stack(spec);
   const size_t labels_per_sample = shape.layers.back()->out_size() / spec.n_classes;

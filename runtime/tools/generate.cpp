@@ -12,6 +12,7 @@
 
 #include "base/error.h"
 #include "base/random.h"
+#include "models/gpt.h"
 #include "runtime/io/checkpoint.h"
 
 namespace resync::runtime {
@@ -21,16 +22,7 @@ models::ModelSpec gpt_spec_from_description(const std::string& description) {
   if (std::sscanf(description.c_str(), "gpt L%zu H%zu C%zu T%zu V%zu", &L, &H, &C, &T, &V) != 5) {
     throw DataError(fmt::format("the checkpoint holds '{}', not a gpt model", description));
   }
-  models::ModelSpec spec;
-  spec.name = "gpt";
-  spec.in_channels = 1;
-  spec.in_height = 1;
-  spec.in_width = T;
-  spec.n_classes = V;
-  spec.n_layer = L;
-  spec.n_head = H;
-  spec.n_embd = C;
-  return spec;
+  return models::gpt_spec(L, H, C, T, V);
 }
 
 namespace {

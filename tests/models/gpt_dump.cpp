@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "base/random.h"
+#include "models/gpt.h"
 #include "models/model.h"
 
 namespace {
@@ -33,15 +34,7 @@ int main(int argc, char** argv) {
   const auto arg = [&](int i) { return static_cast<size_t>(std::strtoull(argv[i], nullptr, 10)); };
   const size_t L = arg(2), H = arg(3), C = arg(4), T = arg(5), V = arg(6), B = arg(7);
   const uint64_t seed = arg(8);
-  resync::models::ModelSpec spec;
-  spec.name = "gpt";
-  spec.in_channels = 1;
-  spec.in_height = 1;
-  spec.in_width = T;
-  spec.n_classes = V;
-  spec.n_layer = L;
-  spec.n_head = H;
-  spec.n_embd = C;
+  const resync::models::ModelSpec spec = resync::models::gpt_spec(L, H, C, T, V);
   auto model = resync::models::make_model(spec, B, seed);
   const std::vector<float> params(model->params().begin(), model->params().end());
 
