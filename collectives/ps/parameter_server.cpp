@@ -85,7 +85,8 @@ ParameterServer::ParameterServer(Context& ctx, std::span<float> shard, std::vect
       clients_(std::move(clients)),
       options_(options),
       apply_(std::move(apply)),
-      observe_(std::move(observe)) {
+      observe_(std::move(observe)),
+      version_(options.first_version) {
   RESYNC_CHECK_ARG(apply_ != nullptr, "a parameter server needs an apply function");
   for (int c : clients_) {
     RESYNC_CHECK_ARG(c >= 0 && c < ctx.size() && c != ctx.rank(),

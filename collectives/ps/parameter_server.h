@@ -86,6 +86,9 @@ struct ServerOptions {
   int max_staleness = -1;  // drop pushes staler than this; -1 = apply everything
   // No request from any client for this long logs which clients are still active.
   std::chrono::milliseconds idle_warning{60'000};
+  // The version to count on from: a resumed shard's (versions never repeat within a run's
+  // relaunches, so a copy of the parameters names the state it holds).
+  uint64_t first_version = 0;
 };
 
 // Serves one shard to a set of client ranks in arrival order: a push is applied (or dropped as

@@ -142,9 +142,12 @@ uint32_t file_crc(std::span<const uint8_t> file) {
 std::vector<uint8_t> encode(const CheckpointMeta& meta, std::span<const float> params,
                             std::span<const float> state) {
   Writer w(kCheckpointHeaderBytes + 64 + meta.model.size() + params.size_bytes() +
-           state.size_bytes() + 8 * meta.worker_steps.size());
+           state.size_bytes() + 8 * (meta.worker_steps.size() + meta.shard_versions.size()));
   w.put_bytes(kCheckpointMagic, sizeof(kCheckpointMagic));
-  w.put<uint32_t>(meta.worker_steps.empty() ? kCheckpointVersionPlain : kCheckpointVersion);
+  const uint32_t version = !meta.shard_versions.empty() ? kCheckpointVersion
+                           : !meta.worker_steps.empty() ? kCheckpointVersionWorkerSteps
+                                                        : kCheckpointVersionPlain;
+  w.put<uint32_t>(version);
   w.put<uint32_t>(0);  // CRC, filled in below
   w.put<uint64_t>(0);  // body bytes, filled in below
   w.put<uint64_t>(meta.step);
@@ -158,9 +161,13 @@ std::vector<uint8_t> encode(const CheckpointMeta& meta, std::span<const float> p
   w.put_bytes(params.data(), params.size_bytes());
   w.put<uint64_t>(state.size());
   w.put_bytes(state.data(), state.size_bytes());
-  if (!meta.worker_steps.empty()) {
+  if (version != kCheckpointVersionPlain) {
     w.put<uint32_t>(static_cast<uint32_t>(meta.worker_steps.size()));
     for (uint64_t steps : meta.worker_steps) w.put<uint64_t>(steps);
+  }
+  if (version == kCheckpointVersion) {
+    w.put<uint32_t>(static_cast<uint32_t>(meta.shard_versions.size()));
+    for (uint64_t v : meta.shard_versions) w.put<uint64_t>(v);
   }
 
   std::vector<uint8_t>& bytes = w.bytes();
@@ -306,10 +313,9 @@ Checkpoint read_checkpoint(const std::string& path) {
   }
   uint32_t version = 0;
   std::memcpy(&version, file.data() + 8, sizeof(version));
-  if (version != kCheckpointVersionPlain && version != kCheckpointVersion) {
-    throw DataError(
-        fmt::format("checkpoint {}: format version {}, this build reads versions {} and {}", path,
-                    version, kCheckpointVersionPlain, kCheckpointVersion));
+  if (version < kCheckpointVersionPlain || version > kCheckpointVersion) {
+    throw DataError(fmt::format("checkpoint {}: format version {}, this build reads versions {} to {}",
+                                path, version, kCheckpointVersionPlain, kCheckpointVersion));
   }
   uint64_t body_bytes = 0;
   std::memcpy(&body_bytes, file.data() + 16, sizeof(body_bytes));
@@ -340,18 +346,31 @@ Checkpoint read_checkpoint(const std::string& path) {
   c.meta.model = r.get_string(model_bytes, "model description");
   c.params = r.get_floats("parameters");
   c.optimizer_state = r.get_floats("optimizer state");
-  if (version == kCheckpointVersion) {
-    // Fewer workers than ranks, at least one; the run's progress is the slowest worker's.
+  if (version != kCheckpointVersionPlain) {
+    // Fewer workers than ranks (version 2: at least one); the run's progress is the slowest
+    // worker's.
     const auto n_workers = r.get<uint32_t>("worker count");
-    if (n_workers == 0 || int64_t(n_workers) >= int64_t(c.meta.world_size) ||
-        r.remaining() != size_t(n_workers) * sizeof(uint64_t)) {
+    const size_t versions_bytes = version == kCheckpointVersion ? 4 + sizeof(uint64_t) : 0;
+    if ((n_workers == 0 && version == kCheckpointVersionWorkerSteps) ||
+        int64_t(n_workers) >= int64_t(c.meta.world_size) ||
+        r.remaining() < size_t(n_workers) * sizeof(uint64_t) + versions_bytes) {
       r.malformed("worker count");
     }
     c.meta.worker_steps.resize(n_workers);
     for (uint64_t& steps : c.meta.worker_steps) steps = r.get<uint64_t>("worker steps");
-    if (*std::min_element(c.meta.worker_steps.begin(), c.meta.worker_steps.end()) != c.meta.step) {
+    if (n_workers > 0 &&
+        *std::min_element(c.meta.worker_steps.begin(), c.meta.worker_steps.end()) != c.meta.step) {
       r.malformed("worker steps (their minimum is not the step)");
     }
+  }
+  if (version == kCheckpointVersion) {
+    const auto n_shards = r.get<uint32_t>("shard count");
+    if (n_shards == 0 || int64_t(n_shards) >= int64_t(c.meta.world_size) ||
+        r.remaining() != size_t(n_shards) * sizeof(uint64_t)) {
+      r.malformed("shard count");
+    }
+    c.meta.shard_versions.resize(n_shards);
+    for (uint64_t& v : c.meta.shard_versions) v = r.get<uint64_t>("shard versions");
   }
   if (!r.at_end()) r.malformed("end of contents");
   return c;

@@ -20,11 +20,16 @@ namespace resync::runtime {
 //   body:    u64 step, u32 world size, u32 optimizer (0 sgd, 1 adamw), u64 seed, u64 batch size,
 //            u32 model description length + its bytes,
 //            u64 n_params + the parameters (f32), u64 n_state + the optimizer state (f32)
-//   version 2 only (an async server's shard): then u32 n_workers + n_workers u64, each worker's
-//            own step count (CheckpointMeta::worker_steps)
-// A checkpoint without worker steps (every synchronous one) is written as version 1.
+//   versions 2 and 3 (async mode): then u32 n_workers + n_workers u64, each worker's own step
+//            count (CheckpointMeta::worker_steps; version 2: at least one; version 3: none in a
+//            worker's copy)
+//   version 3 only: then u32 n_shards (at least one) + n_shards u64, the shard versions
+//            (CheckpointMeta::shard_versions)
+// A checkpoint with shard versions is written as version 3, one with only worker steps as
+// version 2 (builds before version 3 wrote async shards so), every synchronous one as version 1.
 inline constexpr char kCheckpointMagic[8] = {'R', 'S', 'Y', 'N', 'C', 'K', 'P', 'T'};
-inline constexpr uint32_t kCheckpointVersion = 2;  // the newest this build reads and writes
+inline constexpr uint32_t kCheckpointVersion = 3;  // the newest this build reads and writes
+inline constexpr uint32_t kCheckpointVersionWorkerSteps = 2;
 inline constexpr uint32_t kCheckpointVersionPlain = 1;
 inline constexpr size_t kCheckpointHeaderBytes = 24;
 
@@ -43,6 +48,10 @@ struct CheckpointMeta {
   // An async server's shard only: the steps each worker (in rank order) has done as far as this
   // shard holds them, where each continues; `step` is their minimum. Empty otherwise.
   std::vector<uint64_t> worker_steps = {};
+  // Async mode only: the version (updates applied since the run began) of each shard the state
+  // holds: a server's shard checkpoint names its own, a worker's copy of the parameters
+  // (async_checkpoint.h) one per shard. Empty otherwise.
+  std::vector<uint64_t> shard_versions = {};
   bool operator==(const CheckpointMeta&) const = default;
 };
 

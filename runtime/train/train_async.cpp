@@ -12,8 +12,9 @@
 // mode does; meanwhile shard 0 is not served, which is the same pause sync mode takes.
 //
 // With --checkpoint-dir each server keeps checkpoints of its shard (async_checkpoint.h), and a
-// death ends the job with every surviving server's shard saved (rescue.h): rank 0 runs a
-// coordinator for liveness only, and every rank watches it, as in sync mode.
+// death ends the job with every surviving server's shard and every surviving worker's copy of
+// the parameters saved (rescue.h): rank 0 runs a coordinator for liveness only, and every rank
+// watches it, as in sync mode.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -90,8 +91,9 @@ void check_async_flags(const TrainConfig& cfg) {
 // Where each worker continues after --resume. Each server restored the steps its shard holds per
 // worker (`restored`; nullopt: no checkpoint); a worker continues at the smallest, so no shard
 // misses a push (one holding it already applies it again: a step redone). A dead server's shard
-// comes from its last periodic checkpoint, and so then do the steps. No checkpoint of shard 0:
-// a fresh start (nullopt); another server without one is left out (its shard starts afresh).
+// comes from the freshest surviving worker's copy of the parameters (async_checkpoint.h), and so
+// then do the steps. No checkpoint or copy of shard 0: a fresh start (nullopt); another server
+// without one is left out (its shard starts afresh).
 std::optional<std::vector<uint64_t>> agree_resume_steps(
     const std::optional<std::vector<uint64_t>>& restored, int n_servers, int n_workers,
     bool report) {
@@ -126,9 +128,10 @@ struct WorkerCounts {
   uint64_t refreshed = 0;  // steps discarded before pushing because the copy was too stale
 };
 
-// `first_step`: this worker's own resume point; `resumed`: the servers hold restored shards.
+// `first_step`: this worker's own resume point; `resumed`: the servers hold restored shards;
+// `copy` (with --checkpoint-dir): keeps what this worker's rescue saves.
 WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::ShardLayout& layout,
-                        uint64_t first_step, bool resumed) {
+                        uint64_t first_step, bool resumed, WorkerCopy* copy) {
   const TrainConfig& cfg = s.cfg;
   models::Model& model = *s.model;
   std::span<float> params = model.params();
@@ -138,6 +141,7 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::
   WorkerCounts counts;
   double prev_exchange_ms = 0;
   if (resumed) client.pull(params);  // the servers' restored shards
+  if (copy) copy->note(first_step, params, client.versions());
   for (uint64_t step = first_step; step < s.total_steps; ++step) {
     // Forward and backward on this worker's own mini-batch, with the parameters it holds.
     const Clock::time_point t0 = Clock::now();
@@ -185,6 +189,7 @@ WorkerCounts run_worker(Setup& s, collectives::Context& ctx, const collectives::
     }
     prev_exchange_ms = ms_since(t_exchange);
     ++counts.steps;
+    if (copy) copy->note(step + 1, params, client.versions());
   }
   client.done();
   return counts;
@@ -342,7 +347,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       for (size_t j = 0; j < s.optimizer.n_buffers(); ++j) {
         parts.push_back(layout.slice(s.optimizer.buffer(j), rank));
       }
-      shard_ckpt.emplace(cfg.checkpoint_dir, rank, cfg.ps, std::move(parts),
+      shard_ckpt.emplace(cfg.checkpoint_dir, rank, cfg.ps, layout.offset(rank), std::move(parts),
                          CheckpointMeta{.model = model.describe(),
                                         .world_size = world,
                                         .seed = cfg.seed,
@@ -359,7 +364,11 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
         }
         resumed = true;
       }
-      if (shard_ckpt) shard_ckpt->resume_at(resume_steps);
+      if (shard_ckpt) {
+        shard_ckpt->resume_at(resume_steps);
+        // Taken from a worker's copy: on disk before the workers replace their copies.
+        if (shard_ckpt->restored_from_copy()) shard_ckpt->save();
+      }
       if (rank == 0) {
         if (resumed) {
           log->info("--resume: the workers continue at their own steps {}", resume_steps);
@@ -368,6 +377,17 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
         }
       }
     }
+  }
+  // A worker keeps a copy of the parameters as of its last exchange for its rescue (a dead
+  // server's shard resumes from the freshest copy: async_checkpoint.h).
+  std::optional<WorkerCopy> worker_copy;
+  if (!cfg.checkpoint_dir.empty() && !server) {
+    worker_copy.emplace(cfg.checkpoint_dir, rank, model.n_params(), cfg.ps,
+                        CheckpointMeta{.model = model.describe(),
+                                       .world_size = world,
+                                       .seed = cfg.seed,
+                                       .batch_size = cfg.batch_size,
+                                       .optimizer = cfg.optimizer});
   }
   mpi.mark_setup_agreed();
   std::unique_ptr<collectives::TcpControlServer> liveness;  // rank 0: deaths, for the rescue
@@ -383,8 +403,7 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
     const std::string endpoint =
         collectives::broadcast_string(liveness ? liveness->endpoint() : "", 0);
     control = collectives::TcpControlClient::connect(endpoint, rank);
-    arm_rescue(shard_ckpt ? shard_ckpt->rescue_plan(rank)
-                          : RescuePlan{.checkpoint_dir = cfg.checkpoint_dir, .rank = rank});
+    arm_rescue(server ? shard_ckpt->rescue_plan(rank) : worker_copy->rescue_plan(rank));
     watch = std::make_unique<collectives::CoordinatorWatch>(
         endpoint, rank, cfg.coordinator_timeout_s,
         [](const std::string& why) { rescue_if_armed(why); });
@@ -430,7 +449,8 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       collectives::ParameterServer ps(
           ctx, shard, clients,
           {.max_staleness = cfg.max_staleness,
-           .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000))},
+           .idle_warning = std::chrono::milliseconds(int64_t(cfg.stall_warning_s * 1000)),
+           .first_version = shard_ckpt ? shard_ckpt->version() : 0},
           [&](std::span<const float> grad, const collectives::RequestEvent& push) {
             // Workers check before pushing; a non-finite gradient is never applied regardless.
             check_finite_values(grad, "gradient received by the parameter server", updates, rank);
@@ -463,7 +483,8 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
       stats = ps.stats();
     } else {
       counts =
-          run_worker(s, ctx, layout, resume_steps[static_cast<size_t>(rank - cfg.ps)], resumed);
+          run_worker(s, ctx, layout, resume_steps[static_cast<size_t>(rank - cfg.ps)], resumed,
+                     worker_copy ? &*worker_copy : nullptr);
     }
     if (control) control->finish(0);  // every rank is done: the watches get END
   } catch (const CommError& e) {

@@ -260,8 +260,9 @@ def scenario_bad_input():
     path = os.path.join(shard, sorted(os.listdir(shard))[-1])
     with open(path, "rb") as f:
         data = bytearray(f.read())
-    if struct.unpack_from("<I", data, 8)[0] != 2:
-        fail(f"{path}: an async shard checkpoint should be format version 2 (worker steps)")
+    if struct.unpack_from("<I", data, 8)[0] != 3:
+        fail(f"{path}: an async shard checkpoint should be format version 3 (worker steps and "
+             f"its version)")
     struct.pack_into("<I", data, 32, 4)  # world size 4: 3 workers, but it records 2
     struct.pack_into("<I", data, 12, zlib.crc32(bytes(data[:12]) + bytes(data[16:])))
     with open(path, "wb") as f:

@@ -16,8 +16,8 @@ Usage: fault_death.py RESYNC_BINARY MPIEXEC SCENARIO
   catch_up   a rank dies while catch-ups run every step (one backup worker, one slow rank)
   async_worker  async mode, 2 servers: worker rank 3 dies; each worker resumes at its own step,
                 redoing at most one
-  async_server  async mode, 2 servers: server rank 1 dies (its shard, and the workers' steps,
-                resume from its last periodic checkpoint)
+  async_server  async mode, 2 servers: server rank 1 dies (its shard's parameters resume from
+                the workers' copies, at most 1 step redone per worker)
 """
 import json
 import os
@@ -210,10 +210,10 @@ elif SCENARIO in ("async_worker", "async_server"):
     if len(redone) != NP - 2:
         fail(f"workers with records before and after the relaunch: {sorted(redone)}; before "
              f"{last}, after {first}")
-    # A dead worker: every server saved its shard and each worker's steps with it, so at most
-    # the step in flight is done again (the dead worker's too). A dead server's shard and the
-    # steps come from its last periodic checkpoint (--checkpoint-every), so more are redone.
-    if SCENARIO == "async_worker" and max(redone.values()) > 1:
+    # A dead worker: every server saved its shard and each worker's steps with it. A dead
+    # server: its shard's parameters come from the freshest surviving worker's copy, each
+    # worker's steps from its own copy. Either way at most the step in flight is done again.
+    if max(redone.values()) > 1:
         fail(f"steps redone per worker {redone} (at most 1 each): last before the death {last}, "
              f"first after the relaunch {first}")
     if not any(first.values()):

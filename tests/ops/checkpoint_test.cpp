@@ -329,7 +329,7 @@ struct Shard {
   std::vector<float> velocity = std::vector<float>(4, 0.0f);
   ShardCheckpoints ckpt;
   explicit Shard(const std::string& dir, int world = 3)
-      : ckpt(dir, 0, 1, {std::span<float>(params), std::span<float>(velocity)},
+      : ckpt(dir, 0, 1, 0, {std::span<float>(params), std::span<float>(velocity)},
              CheckpointMeta{.model = "mlp 2-2 (4 params)", .world_size = world}, 2) {}
 };
 
@@ -371,6 +371,81 @@ TEST_F(CheckpointTest, ShardStepsOfAnotherWorkerCountAreBadInput) {
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("steps of 2 workers"), std::string::npos) << e.what();
   }
+}
+
+// A worker's copy of the parameters (format version 3: shard versions, no worker steps) round
+// trips, and every flipped byte of it is caught.
+TEST_F(CheckpointTest, ShardVersionsRoundTripAsVersion3) {
+  CheckpointMeta m = meta(7);
+  m.world_size = 3;
+  m.shard_versions = {12, 40};
+  const std::string path = write_checkpoint(dir_, m, values(6, 1.0f), {});
+  EXPECT_EQ(read_checkpoint(path).meta, m);
+  EXPECT_EQ(version_word(bytes_of(path)), "3");
+  const std::vector<char> good = bytes_of(path);
+  const std::string damaged = dir_ + "/damaged";
+  for (size_t i = 0; i < good.size(); ++i) {
+    std::vector<char> bad = good;
+    bad[i] ^= 0x10;
+    put(damaged, bad);
+    EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " went unnoticed";
+  }
+  m.shard_versions = {1, 2, 3};  // as many shards as ranks
+  const std::string error = read_error(write_checkpoint(dir_, m, values(6, 1.0f), {}));
+  EXPECT_NE(error.find("shard count"), std::string::npos) << error;
+}
+
+// What a worker's rescue writes: its copy of the parameters after `steps_done` steps, holding
+// the shard at `version`.
+void save_worker_copy(const std::string& dir, int rank, uint64_t steps_done, uint64_t version,
+                      const std::vector<float>& params) {
+  WorkerCopy copy(dir, rank, params.size(), 1,
+                  CheckpointMeta{.model = "mlp 2-2 (4 params)", .world_size = 3});
+  copy.note(steps_done, params, std::vector<uint64_t>{version});
+  RescuePlan plan = copy.rescue_plan(rank);
+  ASSERT_TRUE(plan.stable->read_stable(std::chrono::milliseconds(100), [&](uint64_t step) {
+    write_checkpoint(plan.checkpoint_dir, plan.meta(step), plan.state());
+  }));
+}
+
+// A server that died after its last checkpoint: its shard's parameters resume from the freshest
+// worker's copy, its optimizer state from the checkpoint, each worker at the newer of its steps.
+TEST_F(CheckpointTest, DeadServerResumesFromTheFreshestWorkerCopy) {
+  {
+    Shard a(dir_);
+    for (uint64_t step = 0; step < 3; ++step) {  // worker 1 pushes steps 0..2: version 3
+      a.ckpt.apply(1, step, [&] { a.params[0] += 1, a.velocity[0] += 1; });
+    }
+    a.ckpt.apply(2, 0, [&] { a.params[1] += 1; });  // version 4
+    a.ckpt.save();
+    EXPECT_EQ(a.ckpt.version(), 4u);
+  }
+  // The server went on to version 6 and died; worker 1 holds version 6 after its step 4, worker
+  // 2 version 5 after its step 1.
+  save_worker_copy(dir_, 1, 5, 6, {5, 1, 0, 0});
+  save_worker_copy(dir_, 2, 2, 5, {4, 2, 0, 0});
+  Shard b(dir_);
+  EXPECT_EQ(b.ckpt.restore(2), (std::vector<uint64_t>{5, 2}));
+  EXPECT_TRUE(b.ckpt.restored_from_copy());
+  EXPECT_EQ(b.ckpt.version(), 6u);
+  EXPECT_EQ(b.params, (std::vector<float>{5, 1, 0, 0}));
+  EXPECT_EQ(b.velocity, (std::vector<float>{3, 0, 0, 0})) << "the optimizer state is the shard's";
+
+  // A server that saved its shard when it ended is newer than every copy: they are ignored.
+  b.ckpt.resume_at(std::vector<uint64_t>{5, 2});
+  b.ckpt.apply(2, 2, [&] { b.params[1] += 1; });  // version 7
+  b.ckpt.save();
+  Shard c(dir_);
+  EXPECT_EQ(c.ckpt.restore(2), (std::vector<uint64_t>{5, 3}));
+  EXPECT_FALSE(c.ckpt.restored_from_copy());
+  EXPECT_EQ(c.params, (std::vector<float>{5, 2, 0, 0}));
+
+  // A worker's next run removes its old copy; a copy of another run's shape is ignored.
+  WorkerCopy fresh(dir_, 1, 4, 1, CheckpointMeta{.model = "mlp 2-2 (4 params)", .world_size = 3});
+  EXPECT_TRUE(list_checkpoints(worker_copy_dir(dir_, 1)).empty());
+  Shard d(dir_, 4);
+  EXPECT_EQ(d.ckpt.restore(3), (std::vector<uint64_t>{3, 3, 3}));
+  EXPECT_FALSE(d.ckpt.restored_from_copy());
 }
 
 // A shard checkpoint of an older build (format version 1: no steps per worker) resumes every
