@@ -110,14 +110,15 @@ def no_events(lines):
 def default_ends_job():
     rc, lines, out, s = mpirun(["--mca", "btl", "tcp,self"],
                                ["--handler", "--kill-round", "5", "--stuck-s", "20"], 60)
+    t_end = time.time()
     check(rc is not None, "mpirun did not end the job within 60 s")
     check(rc != 0, "mpirun exited 0 after a rank was killed")
-    kill_time(lines)
+    t_kill = kill_time(lines)
     no_events(lines)
     for r in SURVIVORS:
         check(not words(lines, r, "rounds_done") and not words(lines, r, "stuck"),
               f"rank {r} outlived the death of rank {VICTIM} without --enable-recovery")
-    return {"mpirun_rc": rc, "mpirun_s": s}
+    return {"mpirun_rc": rc, "kill_to_mpirun_exit_ms": 1000 * (t_end - t_kill)}
 
 
 def recovery_no_event():
@@ -129,11 +130,13 @@ def recovery_no_event():
     check("PMIX ERROR: BAD-PARAM" in out,
           "the PMIx server no longer rejects Open MPI's death notification")
     for r in SURVIVORS:
-        check(words(lines, r, "registered"),
-              f"rank {r} did not register its PMIx handler")
+        for reg in ("registered", "registered_default"):
+            got = words(lines, r, reg)
+            check(len(got) == 1 and int(got[0][1].split("=")[1]) >= 0,
+                  f"rank {r}: PMIx handler registration failed: {got}")
         stuck = words(lines, r, "stuck")
         check(len(stuck) == 1, f"rank {r} was not left waiting on the dead rank (aborted?)")
-        check(stuck[0][0] - t_kill >= 4.5, f"rank {r} gave up too early")
+        check(stuck[0][0] - t_kill >= 2.0, f"rank {r} gave up too early")
     check(rc == 0, f"mpirun exited {rc} (0 expected although the survivors exit 3)")
     return {"mpirun_rc": rc}
 
@@ -142,8 +145,8 @@ def survive(btl, kill_at):
     rc, lines, out, s = mpirun(
         ["--enable-recovery", "--mca", "btl", btl],
         ["--handler", "--watch-pids", "--kill-round", "5", "--kill-at", kill_at, "--elems",
-         "1048576", "--rounds", "20", "--stuck-s", "20", "--finalize-timeout-s", "8"], 90)
-    check(rc is not None, "mpirun did not return within 90 s")
+         "1048576", "--rounds", "20", "--stuck-s", "20", "--finalize-timeout-s", "8"], 60)
+    check(rc is not None, "mpirun did not return within 60 s")
     t_kill = kill_time(lines)
     no_events(lines)
     detect = []
