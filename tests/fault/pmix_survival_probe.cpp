@@ -7,13 +7,12 @@
 // peer), or after its sends without receiving (--kill-at send: the survivors' sends to it stay
 // pending). A survivor learns of the death from a PMIx event handler registered for the
 // process-termination statuses ahead of Open MPI's catch-all one (--handler), or from a thread
-// that polls the peers' pids (--watch-pids, a node-local stand-in for a liveness channel such as
-// resync's coordinator). It then cancels its receives from the dead rank, abandons its sends to
+// that polls the job's process table through PMIx (--poll-ptable). It then cancels its receives from the dead rank, abandons its sends to
 // it, never sends to it again, finishes its rounds and finalizes (or exits without finalizing).
 // Each rank prints `probe rank=R t=UNIX_S ...` lines.
 //
 //   pmix_survival_probe [--rounds N] [--kill-round K (-1: nobody dies)] [--elems E] [--handler]
-//                       [--watch-pids] [--kill-at recv|send] [--finalize mpi|exit]
+//                       [--poll-ptable] [--kill-at recv|send] [--finalize mpi|exit]
 //                       [--stuck-s S] [--finalize-timeout-s S] [--exit-code C]
 #include <mpi.h>
 #include <pmix.h>
@@ -80,6 +79,36 @@ void on_other_event(size_t /*id*/, pmix_status_t status, const pmix_proc_t* sour
 
 bool is_dead(int peer) { return (g_dead_mask.load() >> peer) & 1U; }
 
+// Each rank's state in the job's process table (PMIx_Query_info, PMIX_QUERY_PROC_TABLE; mpirun
+// answers with an array of pmix_info_t, each holding one pmix_proc_info_t).
+std::vector<std::pair<int, pmix_proc_state_t>> proc_states(const pmix_proc_t& me) {
+  std::vector<std::pair<int, pmix_proc_state_t>> states;
+  pmix_query_t query;
+  PMIX_QUERY_CONSTRUCT(&query);
+  query.keys = static_cast<char**>(calloc(2, sizeof(char*)));
+  query.keys[0] = strdup(PMIX_QUERY_PROC_TABLE);
+  PMIX_INFO_CREATE(query.qualifiers, 1);
+  query.nqual = 1;
+  PMIX_INFO_LOAD(&query.qualifiers[0], PMIX_NSPACE, me.nspace, PMIX_STRING);
+  pmix_info_t* results = nullptr;
+  size_t n_results = 0;
+  if (PMIx_Query_info(&query, 1, &results, &n_results) == PMIX_SUCCESS) {
+    for (size_t i = 0; i < n_results; ++i) {
+      if (results[i].value.type != PMIX_DATA_ARRAY) continue;
+      const pmix_data_array_t* table = results[i].value.data.darray;
+      for (size_t k = 0; table->type == PMIX_INFO && k < table->size; ++k) {
+        const pmix_value_t& v = static_cast<const pmix_info_t*>(table->array)[k].value;
+        if (v.type == PMIX_PROC_INFO) {
+          states.emplace_back(static_cast<int>(v.data.pinfo->proc.rank), v.data.pinfo->state);
+        }
+      }
+    }
+    PMIX_INFO_FREE(results, n_results);
+  }
+  PMIX_QUERY_DESTRUCT(&query);
+  return states;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -87,7 +116,7 @@ int main(int argc, char** argv) {
   int kill_round = 5;
   size_t elems = 256;
   bool handler = false;
-  bool watch_pids = false;
+  bool poll_ptable = false;
   std::string kill_at = "recv";  // recv: after receiving, before sending; send: the reverse
   std::string finalize = "mpi";
   double stuck_s = 30;            // a round that long: print `stuck` and exit 3
@@ -100,7 +129,7 @@ int main(int argc, char** argv) {
     else if (a == "--kill-round") kill_round = std::atoi(next().c_str());
     else if (a == "--elems") elems = std::strtoul(next().c_str(), nullptr, 10);
     else if (a == "--handler") handler = true;
-    else if (a == "--watch-pids") watch_pids = true;
+    else if (a == "--poll-ptable") poll_ptable = true;
     else if (a == "--kill-at") kill_at = next();
     else if (a == "--finalize") finalize = next();
     else if (a == "--stuck-s") stuck_s = std::atof(next().c_str());
@@ -122,13 +151,17 @@ int main(int argc, char** argv) {
   const int victim = size - 1;
   say("start pid=" + std::to_string(getpid()));
 
-  if (handler) {
-    pmix_proc_t me;
-    pmix_status_t rc = PMIx_Init(&me, nullptr, 0);
+  pmix_proc_t me;
+  if (handler || poll_ptable) {
+    // Open MPI initialised PMIx already; this returns its client.
+    const pmix_status_t rc = PMIx_Init(&me, nullptr, 0);
     if (rc != PMIX_SUCCESS) {
       say(std::string("pmix_init_failed ") + PMIx_Error_string(rc));
       return 1;
     }
+  }
+  if (handler) {
+    pmix_status_t rc = PMIX_SUCCESS;
     pmix_status_t codes[] = {PMIX_ERR_PROC_ABORTED,      PMIX_PROC_TERMINATED,
                              PMIX_ERR_PROC_TERM_WO_SYNC, PMIX_EVENT_PROC_TERMINATED,
                              PMIX_ERR_PROC_ABORTED_BY_SIG, PMIX_EVENT_JOB_END,
@@ -141,23 +174,21 @@ int main(int argc, char** argv) {
     rc = PMIx_Register_event_handler(nullptr, 0, nullptr, 0, on_other_event, nullptr, nullptr);
     say("registered_default rc=" + std::to_string(rc));
   }
-  // --watch-pids: a node-local stand-in for a liveness channel (resync's coordinator learns a
-  // death from a closed TCP connection): a thread polls the peers' pids.
-  std::vector<int> pids(static_cast<size_t>(size));
-  const int my_pid = getpid();
-  MPI_Allgather(&my_pid, 1, MPI_INT, pids.data(), 1, MPI_INT, comm);
+  // --poll-ptable: no event comes, so a thread asks mpirun for the job's process table every
+  // 20 ms (what resync's coordinator learns from a closed TCP connection would do as well).
   std::atomic<bool> stop_watch{false};
   std::thread watcher;
-  if (watch_pids) {
+  if (poll_ptable) {
     watcher = std::thread([&] {
       while (!stop_watch.load()) {
-        for (int p = 0; p < size; ++p) {
-          if (p != g_rank && !is_dead(p) && kill(pids[size_t(p)], 0) != 0) {
-            g_dead_mask.fetch_or(uint64_t(1) << p);
-            say("pid_gone peer=" + std::to_string(p));
+        for (const auto& [peer, state] : proc_states(me)) {
+          if (peer != g_rank && !is_dead(peer) && state > PMIX_PROC_STATE_UNTERMINATED) {
+            g_dead_mask.fetch_or(uint64_t(1) << peer);
+            say("ptable_gone peer=" + std::to_string(peer) + " state=" + std::to_string(state) +
+                " name=" + PMIx_Proc_state_string(state));
           }
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
     });
   }

@@ -11,9 +11,10 @@ mpirun and asserts what Open MPI 4.1.4 with PMIx 4.2 does:
                        PMIx 4.2 rejects): an application's PMIx handler for the termination
                        statuses never fires, and no MPI call reports the death. mpirun exits 0
                        although the survivors exit 3.
-  survive_tcp          with --enable-recovery and the death learnt out of band (pid polling,
-  survive_vader        standing in for resync's TCP coordinator), the survivors cancel their
-                       receives from the dead rank, abandon their sends to it and finish every
+  survive_tcp          with --enable-recovery and the death learnt by polling PMIx's process
+  survive_vader        table (PMIx_Query_info, PMIX_QUERY_PROC_TABLE: "aborted by signal"), the
+                       survivors cancel their receives from the dead rank, abandon their sends
+                       to it (MPI_Request_free) and finish every
                        round, over TCP and over shared memory. MPI_Finalize's job-wide PMIx
                        fence then returns in some runs and hangs in others (counted, not
                        asserted); a survivor that gives up on it exits 4, and mpirun exits 0.
@@ -144,16 +145,16 @@ def recovery_no_event():
 def survive(btl, kill_at):
     rc, lines, out, s = mpirun(
         ["--enable-recovery", "--mca", "btl", btl],
-        ["--handler", "--watch-pids", "--kill-round", "5", "--kill-at", kill_at, "--elems",
+        ["--handler", "--poll-ptable", "--kill-round", "5", "--kill-at", kill_at, "--elems",
          "1048576", "--rounds", "20", "--stuck-s", "20", "--finalize-timeout-s", "8"], 60)
     check(rc is not None, "mpirun did not return within 60 s")
     t_kill = kill_time(lines)
     no_events(lines)
     detect = []
     for r in SURVIVORS:
-        gone = words(lines, r, "pid_gone")
-        check(len(gone) == 1 and gone[0][1] == f"peer={VICTIM}",
-              f"rank {r} did not see rank {VICTIM} go: {gone}")
+        gone = words(lines, r, "ptable_gone")
+        check(len(gone) == 1 and gone[0][1].startswith(f"peer={VICTIM} state=54 "),
+              f"rank {r} did not see rank {VICTIM} aborted by signal in the table: {gone}")
         detect.append(gone[0][0] - t_kill)
         check(not words(lines, r, "stuck"), f"rank {r} got stuck in a round")
         check(len(words(lines, r, "rounds_done")) == 1, f"rank {r} did not finish its rounds")
