@@ -14,16 +14,17 @@ mpirun and asserts what Open MPI 4.1.4 with PMIx 4.2 does:
   survive_tcp          with --enable-recovery and the death learnt by polling PMIx's process
   survive_vader        table (PMIx_Query_info, PMIX_QUERY_PROC_TABLE: "aborted by signal"), the
                        survivors cancel their receives from the dead rank, abandon their sends
-                       to it (MPI_Request_free) and finish every
-                       round, over TCP and over shared memory. MPI_Finalize's job-wide PMIx
-                       fence then returns in some runs and hangs in others (counted, not
-                       asserted); a survivor that gives up on it exits 4, and mpirun exits 0.
+                       to it (MPI_Request_free) and finish every round, over TCP and over shared
+                       memory. MPI_Finalize's job-wide PMIx fence then returns in some runs and
+                       hangs in others (counted, not asserted); a survivor that gives up on it
+                       exits 4, and mpirun exits 0.
   exit_code            with --enable-recovery mpirun exits 0 even when no rank dies and every
                        rank finalizes and returns 7 (without it: 7): its exit code says nothing.
 Every run is bounded (hard timeout, the process group and every probe pid killed after it).
 
 Usage: pmix_survival_probe.py PROBE MPIEXEC [--repeat N] [SCENARIO ...]
-Exit 77 (ctest: skipped) where mpirun is not Open MPI 4.x.
+Exit 77 (ctest: skipped) where mpirun is not Open MPI 4.x or the probe was not built (PROBE
+"none": no PMIx development files).
 """
 import os
 import re
