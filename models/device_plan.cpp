@@ -33,13 +33,13 @@ bool read_sequence_shape(const Layer& layer, DeviceLayerKind kind, SequenceShape
       return std::sscanf(text, "layernorm T%zu C%zu%c", &s.context, &s.dim, &extra) == 2 &&
              in == s.context * s.dim && out == in && n_params == 2 * s.dim;
     case DeviceLayerKind::kTransformerBlock:
-      return std::sscanf(text, "block T%zu C%zu H%zu%c", &s.context, &s.dim, &s.n_head,
-                         &extra) == 3 &&
+      return std::sscanf(text, "block T%zu C%zu H%zu%c", &s.context, &s.dim, &s.n_head, &extra) ==
+                 3 &&
              s.n_head > 0 && s.dim % s.n_head == 0 && in == s.context * s.dim && out == in &&
              n_params == 12 * s.dim * s.dim + 13 * s.dim;
     case DeviceLayerKind::kTiedLmHead:
-      if (std::sscanf(text, "tied head C%zu V%zu%c", &s.dim, &s.vocab, &extra) != 2 ||
-          s.dim == 0 || in % s.dim != 0) {
+      if (std::sscanf(text, "tied head C%zu V%zu%c", &s.dim, &s.vocab, &extra) != 2 || s.dim == 0 ||
+          in % s.dim != 0) {
         return false;
       }
       s.context = in / s.dim;

@@ -70,8 +70,8 @@ void DeviceModel::forward_loss(const kc::CudaContext& ctx, const float* x, const
   check_batch(batch);
   if (batch > 0) forward(ctx, x, batch);
   // batch == 0 still writes zero sums, so read_loss() never returns a previous batch's.
-  kc::softmax_xent_forward(ctx.stream(), acts_.back().data(), labels,
-                           batch * labels_per_sample(), plan_.n_classes, xent_.data());
+  kc::softmax_xent_forward(ctx.stream(), acts_.back().data(), labels, batch * labels_per_sample(),
+                           plan_.n_classes, xent_.data());
 }
 
 kernels::XentSums DeviceModel::read_loss(const kc::CudaContext& ctx) const {

@@ -20,8 +20,8 @@ void zero(const CudaContext& ctx, float* p, size_t n_elems) {
 }
 
 void copy(const CudaContext& ctx, float* dst, const float* src, size_t n_elems) {
-  RESYNC_CHECK_CUDA(cudaMemcpyAsync(dst, src, n_elems * sizeof(float), cudaMemcpyDeviceToDevice,
-                                    ctx.stream()));
+  RESYNC_CHECK_CUDA(
+      cudaMemcpyAsync(dst, src, n_elems * sizeof(float), cudaMemcpyDeviceToDevice, ctx.stream()));
 }
 
 // y [rows x out] = x [rows x in] W^T + b, W [out x in] (nn.Linear), as the CPU block's.
@@ -120,8 +120,7 @@ class DeviceLayerNorm final : public DeviceLayer {
 // gradients of activations live in the model's shared workspace.
 class DeviceTransformerBlock final : public DeviceLayer {
  public:
-  DeviceTransformerBlock(const SequenceShape& s, size_t max_batch)
-      : s_(s), max_batch_(max_batch) {
+  DeviceTransformerBlock(const SequenceShape& s, size_t max_batch) : s_(s), max_batch_(max_batch) {
     const size_t N = max_batch * s.context, C = s.dim;
     for (auto* v : {&ln1_, &atty_, &res1_, &ln2_}) *v = kc::DeviceBuffer<float>(N * C);
     for (auto* v : {&mean1_, &rstd1_, &mean2_, &rstd2_}) *v = kc::DeviceBuffer<float>(N);
@@ -161,8 +160,8 @@ class DeviceTransformerBlock final : public DeviceLayer {
     const size_t N = batch * s_.context, C = s_.dim;
     const cudaStream_t stream = ctx.stream();
     // Attention half: res1 = x + proj(attention(qkv(ln1(x)))).
-    kc::layernorm_forward(stream, x, p_.ln1_w, p_.ln1_b, ln1_.data(), mean1_.data(),
-                          rstd1_.data(), N, C);
+    kc::layernorm_forward(stream, x, p_.ln1_w, p_.ln1_b, ln1_.data(), mean1_.data(), rstd1_.data(),
+                          N, C);
     linear_forward(ctx, ln1_.data(), p_.qkv_w, p_.qkv_b, qkv_.data(), N, C, 3 * C);
     kc::attention_forward(ctx.cublas(), stream, qkv_.data(), atty_.data(), att_.data(),
                           attention(batch));
@@ -183,8 +182,8 @@ class DeviceTransformerBlock final : public DeviceLayer {
     const cudaStream_t stream = ctx.stream();
     // MLP half, mirrored. dres gathers d loss / d res1 from the residual and from ln2.
     copy(ctx, dres_, dy, N * C);
-    linear_backward(ctx, fch_gelu_.data(), p_.fcproj_w, dy, g_.fcproj_w, g_.fcproj_b, d4_, N,
-                    4 * C, C);
+    linear_backward(ctx, fch_gelu_.data(), p_.fcproj_w, dy, g_.fcproj_w, g_.fcproj_b, d4_, N, 4 * C,
+                    C);
     kc::gelu_backward(stream, fch_.data(), d4_, d4_, N * 4 * C);
     linear_backward(ctx, ln2_.data(), p_.fc_w, d4_, g_.fc_w, g_.fc_b, dln_, N, C, 4 * C);
     zero(ctx, g_.ln2_w, 2 * C);  // ln2 w and b are adjacent
@@ -192,8 +191,8 @@ class DeviceTransformerBlock final : public DeviceLayer {
                            dres_, g_.ln2_w, g_.ln2_b, N, C);
     // Attention half. dx gathers d loss / d x from the residual and from ln1.
     linear_backward(ctx, atty_.data(), p_.proj_w, dres_, g_.proj_w, g_.proj_b, datty_, N, C, C);
-    kc::attention_backward(ctx.cublas(), stream, datty_, qkv_.data(), att_.data(), dqkv_,
-                           dscores_, attention(batch));
+    kc::attention_backward(ctx.cublas(), stream, datty_, qkv_.data(), att_.data(), dqkv_, dscores_,
+                           attention(batch));
     linear_backward(ctx, ln1_.data(), p_.qkv_w, dqkv_, g_.qkv_w, g_.qkv_b, dln_, N, C, 3 * C);
     zero(ctx, g_.ln1_w, 2 * C);
     float* dx_acc = dres_;  // as a model's first layer: accumulate into scratch
@@ -207,8 +206,8 @@ class DeviceTransformerBlock final : public DeviceLayer {
 
  private:
   struct Params {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b,
-        *fcproj_w, *fcproj_b;
+    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w,
+        *fcproj_b;
   };
   // Pointers into a parameter (or gradient) slice, in the CPU block's layout.
   Params carve(float* base) const {

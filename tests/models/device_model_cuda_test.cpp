@@ -87,8 +87,7 @@ std::vector<Tensor> tensors_of(const DevicePlan& plan) {
 // cuBLAS and OpenBLAS sum in other orders and the device may round tanh/exp/rsqrt differently,
 // so values agree to a tolerance scaled by the tensor: |cuda - cpu| <= 1e-3 |cpu| + 1e-4 max|cpu|
 // + 1e-9. A missing term, a wrong offset or a forgotten write (NaN) is far outside it.
-void expect_tensor_close(std::span<const float> cuda, std::span<const float> cpu,
-                         const Tensor& t) {
+void expect_tensor_close(std::span<const float> cuda, std::span<const float> cpu, const Tensor& t) {
   float scale = 0.0f;
   for (size_t i = 0; i < t.n_elems; ++i) scale = std::max(scale, std::fabs(cpu[t.offset + i]));
   for (size_t i = 0; i < t.n_elems; ++i) {
@@ -161,8 +160,8 @@ class DeviceModelTest : public ::testing::Test {
     dev.bind(d_params.data(), d_grads.data());
 
     const bool tokens = plan.layers.front().kind == DeviceLayerKind::kEmbedding;
-    const Batch b = make_batch(batch, cpu->input_size(), cpu->labels_per_sample(),
-                               cpu->n_classes(), tokens, seed + 100);
+    const Batch b = make_batch(batch, cpu->input_size(), cpu->labels_per_sample(), cpu->n_classes(),
+                               tokens, seed + 100);
     kc::DeviceBuffer<float> d_x = to_device(std::span<const float>(b.x));
     kc::DeviceBuffer<int32_t> d_y = to_device(std::span<const int32_t>(b.y));
 

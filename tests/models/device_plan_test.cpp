@@ -1,7 +1,7 @@
 // The device plan (models/device_plan.h) on the CPU: the kinds, shapes and parameter offsets of
 // mlp, cnn, gpt and registered custom models read from the CPU layers, agreement with the CPU
-// Model, and the one-line refusals (a layer no device implements, an ambiguous tie). Its own binary:
-// it registers models, which models_test's registry checks must not see.
+// Model, and the one-line refusals (a layer no device implements, an ambiguous tie). Its own
+// binary: it registers models, which models_test's registry checks must not see.
 #include "models/device_plan.h"
 
 #include <gtest/gtest.h>
@@ -166,8 +166,7 @@ TEST(DevicePlan, UnsupportedLayerIsRefusedByName) {
   EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
 }
 
-ModelSpec gpt_spec_for(size_t n_layer, size_t n_head, size_t n_embd, size_t context,
-                       size_t vocab) {
+ModelSpec gpt_spec_for(size_t n_layer, size_t n_head, size_t n_embd, size_t context, size_t vocab) {
   ModelSpec spec;
   spec.name = "gpt";
   spec.in_height = 1;
@@ -186,13 +185,12 @@ TEST(DevicePlan, GptLayersShapesAndTie) {
   const ModelSpec spec = gpt_spec_for(L, NH, C, T, V);
   const DevicePlan plan = make_device_plan(spec);
   const size_t emb = (V + T) * C, block = 12 * C * C + 13 * C;
-  expect_layers(plan, {{Kind::kEmbedding, "embedding V16 T6 C8", T, T * C, 0, emb},
-                       {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb, block},
-                       {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb + block,
-                        block},
-                       {Kind::kLayerNorm, "layernorm T6 C8", T * C, T * C, emb + 2 * block, 2 * C},
-                       {Kind::kTiedLmHead, "tied head C8 V16", T * C, T * V,
-                        emb + 2 * block + 2 * C, 0}});
+  expect_layers(
+      plan, {{Kind::kEmbedding, "embedding V16 T6 C8", T, T * C, 0, emb},
+             {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb, block},
+             {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb + block, block},
+             {Kind::kLayerNorm, "layernorm T6 C8", T * C, T * C, emb + 2 * block, 2 * C},
+             {Kind::kTiedLmHead, "tied head C8 V16", T * C, T * V, emb + 2 * block + 2 * C, 0}});
   EXPECT_EQ(plan.labels_per_sample, T);
   EXPECT_EQ(plan.input_size, T);
   for (const DeviceLayerPlan& layer : plan.layers) {
