@@ -33,6 +33,9 @@ class DeviceLayer {
   // null, writes dx. Must follow the forward call on the same x (the pool keeps its argmax).
   virtual void backward(const kernels::cuda::CudaContext& ctx, const float* x, const float* y,
                         const float* dy, float* dx, size_t batch) = 0;
+  // After the stream has passed the last forward: throws InvalidArgument, as the CPU layer's
+  // forward would have, if that forward's inputs were bad (the embedding's tokens).
+  virtual void check_inputs(const kernels::cuda::CudaContext& /*ctx*/) {}
 };
 
 // The twin of `layer` for up to max_batch samples, allocating its own device state (the pool's

@@ -75,7 +75,9 @@ void DeviceModel::forward_loss(const kc::CudaContext& ctx, const float* x, const
 }
 
 kernels::XentSums DeviceModel::read_loss(const kc::CudaContext& ctx) const {
-  return kc::read_xent_result(xent_.data(), ctx.stream());
+  const kernels::XentSums sums = kc::read_xent_result(xent_.data(), ctx.stream());
+  for (const auto& layer : layers_) layer->check_inputs(ctx);
+  return sums;
 }
 
 }  // namespace resync::models::cuda

@@ -50,7 +50,8 @@ class DeviceModel {
   void forward_loss(const kernels::cuda::CudaContext& ctx, const float* x, const int32_t* labels,
                     size_t batch);
   // Waits for ctx's stream and returns the last call's summed loss and correct count. Throws
-  // InvalidArgument for a label outside [0, n_classes()), as the CPU loss does.
+  // InvalidArgument for a label outside [0, n_classes()), as the CPU loss does, and for a token
+  // that is not an integer in [0, vocabulary), as the CPU embedding does.
   kernels::XentSums read_loss(const kernels::cuda::CudaContext& ctx) const;
 
  private:

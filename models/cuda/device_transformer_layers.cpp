@@ -58,7 +58,16 @@ class DeviceEmbedding final : public DeviceLayer {
     dwpe_ = grads + s_.vocab * s_.dim;
   }
   void forward(const CudaContext& ctx, const float* x, float* y, size_t batch) override {
-    kc::embedding_forward(ctx.stream(), x, wte_, wpe_, y, shape(batch));
+    kc::embedding_forward(ctx.stream(), x, wte_, wpe_, y, shape(batch), first_bad_.data());
+    last_tokens_ = x;
+  }
+  // The tokens are checked on the device (kernels/cuda/transformer.h); a bad one is reported
+  // here, once, as the CPU layer reports it.
+  void check_inputs(const CudaContext& ctx) override {
+    if (last_tokens_ == nullptr) return;
+    const float* tokens = last_tokens_;
+    last_tokens_ = nullptr;
+    kc::check_tokens(ctx.stream(), first_bad_.data(), tokens, s_.vocab);
   }
   void backward(const CudaContext& ctx, const float* x, const float* /*y*/, const float* dy,
                 float* /*dx*/, size_t batch) override {
@@ -73,6 +82,8 @@ class DeviceEmbedding final : public DeviceLayer {
   SequenceShape s_;
   bool tied_;
   float *wte_ = nullptr, *wpe_ = nullptr, *dwte_ = nullptr, *dwpe_ = nullptr;
+  kc::DeviceBuffer<unsigned long long> first_bad_{1};  // first bad token's position
+  const float* last_tokens_ = nullptr;                 // the last forward's, until checked
 };
 
 // ---- LayerNorm ----------------------------------------------------------------------------

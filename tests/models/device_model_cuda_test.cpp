@@ -4,7 +4,7 @@
 // evaluation sums; and the transformer layers in arrangements the gpt does not use (an untied
 // embedding, a block or a LayerNorm as the first layer, whose input gradient goes to scratch).
 // The gradient buffer is filled with NaN before each step, so a gradient the device forgets to
-// write fails. Skips visibly without a device.
+// write fails. A bad token is refused as on the CPU. Skips visibly without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "base/error.h"
 #include "base/random.h"
 #include "kernels/cuda/context.h"
 #include "models/cuda/device_model.h"
@@ -304,6 +305,53 @@ TEST_F(DeviceModelTest, RepeatedStepIsDeterministic) {
   for (size_t i = 0; i < first.size(); ++i) {
     ASSERT_EQ(first[i], second[i]) << "gradient index " << i;
   }
+}
+
+// A token that is not an integer in [0, V) is refused as on the CPU (InvalidArgument naming it
+// and its position) when the loss is read, in training and in evaluation; the device never
+// indexes with it, and the next good batch trains normally.
+TEST_F(DeviceModelTest, BadTokenIsInvalidArgumentAsOnTheCpu) {
+  const ModelSpec spec = gpt_spec(1, 2, 8, 4, 10);
+  const std::unique_ptr<Model> cpu = make_model(spec, 2, 1);
+  cuda::DeviceModel dev(make_device_plan(spec), 2);
+  kc::DeviceBuffer<float> d_params = to_device(std::span<const float>(cpu->params()));
+  kc::DeviceBuffer<float> d_grads(cpu->n_params());
+  dev.bind(d_params.data(), d_grads.data());
+  const auto message = [&](const Batch& b, bool train) {
+    kc::DeviceBuffer<float> d_x = to_device(std::span<const float>(b.x));
+    kc::DeviceBuffer<int32_t> d_y = to_device(std::span<const int32_t>(b.y));
+    try {
+      if (train) {
+        dev.forward_backward(*ctx_, d_x.data(), d_y.data(), 2);
+      } else {
+        dev.forward_loss(*ctx_, d_x.data(), d_y.data(), 2);
+      }
+      dev.read_loss(*ctx_);
+    } catch (const InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  Batch bad = make_batch(2, 4, 4, 10, true, 3);
+  bad.x[5] = 3.5f;
+  std::string cpu_msg;
+  try {
+    cpu->forward_backward(bad.x.data(), bad.y.data(), 2);
+  } catch (const InvalidArgument& e) {
+    cpu_msg = e.what();
+  }
+  EXPECT_NE(cpu_msg.find("token 3.5 at position 5"), std::string::npos) << cpu_msg;
+  const std::string train_msg = message(bad, true);
+  EXPECT_NE(train_msg.find("embedding: token 3.5 at position 5 is not an integer in [0, 10)"),
+            std::string::npos)
+      << "'" << train_msg << "'";
+  bad.x[5] = 1.0f;
+  bad.x[7] = 10.0f;  // == V
+  const std::string eval_msg = message(bad, false);
+  EXPECT_NE(eval_msg.find("token 10 at position 7"), std::string::npos) << "'" << eval_msg << "'";
+  const Batch good = make_batch(2, 4, 4, 10, true, 4);
+  EXPECT_EQ(message(good, true), "");
+  EXPECT_EQ(message(good, false), "");
 }
 
 }  // namespace
