@@ -2,18 +2,56 @@
 
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <utility>
 
 #include "base/error.h"
 #include "models/conv_layers.h"
 #include "models/layers.h"
+#include "models/transformer_layers.h"
 
 namespace resync::models {
 namespace {
 
-// The kind and shapes of one CPU layer; false for a layer no device backend implements. The
-// built-in layer classes are final, so an exact type test cannot mistake a subclass for one.
-bool translate(const Layer& layer, DeviceLayerPlan& out) {
+enum class Translation { kOk, kNoDeviceLayer, kShapeUnreadable };
+
+// The transformer layers tell their shape only through name() and their sizes
+// (models/transformer_layers.h). The name is read, then checked against every size, so a layer
+// whose name changes format is refused in one line instead of misread.
+bool read_sequence_shape(const Layer& layer, DeviceLayerKind kind, SequenceShape& s) {
+  const std::string name = layer.name();
+  const char* text = name.c_str();
+  char extra = 0;  // anything after the expected fields makes sscanf count one more
+  const size_t in = layer.in_size(), out = layer.out_size(), n_params = layer.n_params();
+  switch (kind) {
+    case DeviceLayerKind::kEmbedding:
+      return std::sscanf(text, "embedding V%zu T%zu C%zu%c", &s.vocab, &s.context, &s.dim,
+                         &extra) == 3 &&
+             in == s.context && out == s.context * s.dim &&
+             n_params == (s.vocab + s.context) * s.dim;
+    case DeviceLayerKind::kLayerNorm:
+      return std::sscanf(text, "layernorm T%zu C%zu%c", &s.context, &s.dim, &extra) == 2 &&
+             in == s.context * s.dim && out == in && n_params == 2 * s.dim;
+    case DeviceLayerKind::kTransformerBlock:
+      return std::sscanf(text, "block T%zu C%zu H%zu%c", &s.context, &s.dim, &s.n_head, &extra) ==
+                 3 &&
+             s.n_head > 0 && s.dim % s.n_head == 0 && in == s.context * s.dim && out == in &&
+             n_params == 12 * s.dim * s.dim + 13 * s.dim;
+    case DeviceLayerKind::kTiedLmHead:
+      if (std::sscanf(text, "tied head C%zu V%zu%c", &s.dim, &s.vocab, &extra) != 2 || s.dim == 0 ||
+          in % s.dim != 0) {
+        return false;
+      }
+      s.context = in / s.dim;
+      return out == s.context * s.vocab && n_params == 0;
+    default:
+      return true;
+  }
+}
+
+// The kind and shapes of one CPU layer. The built-in layer classes are final, so an exact type
+// test cannot mistake a subclass for one.
+Translation translate(const Layer& layer, DeviceLayerPlan& out) {
   if (dynamic_cast<const Linear*>(&layer) != nullptr) {
     out.kind = DeviceLayerKind::kLinear;
   } else if (dynamic_cast<const Relu*>(&layer) != nullptr) {
@@ -26,10 +64,50 @@ bool translate(const Layer& layer, DeviceLayerPlan& out) {
     out.pool = pool->shape();
   } else if (dynamic_cast<const Flatten*>(&layer) != nullptr) {
     out.kind = DeviceLayerKind::kFlatten;
+  } else if (dynamic_cast<const TokenPositionEmbedding*>(&layer) != nullptr) {
+    out.kind = DeviceLayerKind::kEmbedding;
+  } else if (dynamic_cast<const LayerNormLayer*>(&layer) != nullptr) {
+    out.kind = DeviceLayerKind::kLayerNorm;
+  } else if (dynamic_cast<const TransformerBlock*>(&layer) != nullptr) {
+    out.kind = DeviceLayerKind::kTransformerBlock;
+  } else if (dynamic_cast<const TiedLmHead*>(&layer) != nullptr) {
+    out.kind = DeviceLayerKind::kTiedLmHead;
   } else {
-    return false;
+    return Translation::kNoDeviceLayer;
   }
-  return true;
+  return read_sequence_shape(layer, out.kind, out.seq) ? Translation::kOk
+                                                       : Translation::kShapeUnreadable;
+}
+
+// Points every tied head at the embedding whose wte it shares. The CPU head holds a reference to
+// its embedding that the plan cannot read; a stack with exactly one embedding (as build_gpt
+// makes) leaves no doubt, any other is refused.
+void resolve_ties(DevicePlan& plan, const std::string& device) {
+  DeviceLayerPlan* embedding = nullptr;
+  size_t n_embeddings = 0;
+  for (DeviceLayerPlan& layer : plan.layers) {
+    if (layer.kind == DeviceLayerKind::kEmbedding) {
+      embedding = &layer;
+      ++n_embeddings;
+    }
+  }
+  for (size_t i = 0; i < plan.layers.size(); ++i) {
+    DeviceLayerPlan& head = plan.layers[i];
+    if (head.kind != DeviceLayerKind::kTiedLmHead) continue;
+    if (n_embeddings != 1) {
+      throw DeviceError(fmt::format(
+          "model {}: layer {} of {}, '{}': {} runs a tied head only in a model with exactly one "
+          "embedding (this one has {})",
+          plan.label, i + 1, plan.layers.size(), head.name, device, n_embeddings));
+    }
+    if (embedding->seq.vocab != head.seq.vocab || embedding->seq.dim != head.seq.dim) {
+      throw DeviceError(fmt::format("model {}: layer {} of {}, '{}', does not match '{}'",
+                                    plan.label, i + 1, plan.layers.size(), head.name,
+                                    embedding->name));
+    }
+    head.tied_offset = embedding->param_offset;
+    embedding->tied = true;
+  }
 }
 
 }  // namespace
@@ -46,6 +124,14 @@ const char* kind_name(DeviceLayerKind kind) {
       return "maxpool2d";
     case DeviceLayerKind::kFlatten:
       return "flatten";
+    case DeviceLayerKind::kEmbedding:
+      return "embedding";
+    case DeviceLayerKind::kLayerNorm:
+      return "layernorm";
+    case DeviceLayerKind::kTransformerBlock:
+      return "block";
+    case DeviceLayerKind::kTiedLmHead:
+      return "tied head";
   }
   return "?";
 }
@@ -61,6 +147,8 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
   plan.label = stack.label;
   plan.input_size = layers.front()->in_size();
   plan.n_classes = n_classes;
+  plan.labels_per_sample = layers.back()->out_size() / n_classes;
+  RESYNC_CHECK_ARG(plan.labels_per_sample > 0, "model: last layer has no outputs");
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& layer = *layers[i];
     if (i > 0) {
@@ -69,11 +157,21 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
           fmt::format("model: {} cannot follow {}", layer.name(), layers[i - 1]->name()));
     }
     DeviceLayerPlan step;
-    if (!translate(layer, step)) {
-      throw DeviceError(fmt::format(
-          "model {}: layer {} of {}, '{}', has no {} implementation ({} runs linear, relu, "
-          "conv2d, maxpool2d and flatten layers)",
-          stack.label, i + 1, layers.size(), layer.name(), device, device));
+    switch (translate(layer, step)) {
+      case Translation::kOk:
+        break;
+      case Translation::kNoDeviceLayer:
+        throw DeviceError(fmt::format(
+            "model {}: layer {} of {}, '{}', has no {} implementation ({} runs linear, relu, "
+            "conv2d, maxpool2d, flatten and the gpt's embedding, layernorm, block and tied head "
+            "layers)",
+            stack.label, i + 1, layers.size(), layer.name(), device, device));
+      case Translation::kShapeUnreadable:
+        throw DeviceError(fmt::format(
+            "model {}: layer {} of {}, '{}': {} cannot read its shape from its name and sizes "
+            "({} -> {} floats, {} parameters)",
+            stack.label, i + 1, layers.size(), layer.name(), device, layer.in_size(),
+            layer.out_size(), layer.n_params()));
     }
     step.name = layer.name();
     step.in_size = layer.in_size();
@@ -83,12 +181,7 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
     plan.n_params += step.n_params;
     plan.layers.push_back(std::move(step));
   }
-  // Device models compute one label per sample (the gpt layers, which predict one per
-  // position, are refused above).
-  if (layers.back()->out_size() != n_classes) {
-    throw DeviceError(fmt::format("model {}: {} labels per sample; {} runs one", stack.label,
-                                  layers.back()->out_size() / n_classes, device));
-  }
+  resolve_ties(plan, device);
   return plan;
 }
 

@@ -13,12 +13,33 @@
 
 namespace resync::models {
 
-// The layers a device backend implements: every built-in CPU layer. The softmax cross-entropy
-// that ends every Model is implied.
-enum class DeviceLayerKind { kLinear, kRelu, kConv2d, kMaxPool2d, kFlatten };
+// The layers a device backend implements: every built-in CPU layer (models/layers.h,
+// conv_layers.h, transformer_layers.h). The softmax cross-entropy that ends every Model is
+// implied.
+enum class DeviceLayerKind {
+  kLinear,
+  kRelu,
+  kConv2d,
+  kMaxPool2d,
+  kFlatten,
+  kEmbedding,         // TokenPositionEmbedding
+  kLayerNorm,         // LayerNormLayer
+  kTransformerBlock,  // TransformerBlock
+  kTiedLmHead,        // TiedLmHead
+};
 
-// "linear", "relu", "conv2d", "maxpool2d", "flatten".
+// "linear", "relu", "conv2d", "maxpool2d", "flatten", "embedding", "layernorm", "block",
+// "tied head".
 const char* kind_name(DeviceLayerKind kind);
+
+// The shape of a transformer layer: per sample, T positions of width C; V tokens in the
+// vocabulary (embedding, tied head); NH heads (block).
+struct SequenceShape {
+  size_t context = 0;  // T
+  size_t dim = 0;      // C
+  size_t vocab = 0;    // V
+  size_t n_head = 0;   // NH
+};
 
 struct DeviceLayerPlan {
   DeviceLayerKind kind = DeviceLayerKind::kLinear;
@@ -31,20 +52,31 @@ struct DeviceLayerPlan {
   size_t n_params = 0;
   kernels::Conv2dShape conv;  // kConv2d only
   kernels::Pool2dShape pool;  // kMaxPool2d only
+  SequenceShape seq;          // kEmbedding, kLayerNorm, kTransformerBlock, kTiedLmHead
+  // kEmbedding: a tied head shares its wte and runs its backward first (overwriting dwte), so
+  // this layer's backward adds to dwte instead of overwriting it, as the CPU layer does.
+  bool tied = false;
+  // kTiedLmHead: where the embedding's wte [V x C] begins in the flat buffer (that layer's
+  // param_offset); the head reads it and writes its gradient there.
+  size_t tied_offset = 0;
 };
 
 struct DevicePlan {
   std::string label;  // the stack's label, e.g. "mlp 784-512-512-10"
   size_t input_size = 0;
   size_t n_classes = 0;
+  // Rows of n_classes logits per sample (1 for a classifier, T for gpt): the loss is the mean
+  // over batch x labels_per_sample rows, as models::Model computes it.
+  size_t labels_per_sample = 1;
   size_t n_params = 0;
   std::vector<DeviceLayerPlan> layers;  // forward order
 };
 
 // Translates `stack` (as build_layer_stack returns it) for `device` (named in errors only).
-// Throws DeviceError with one line naming the first layer the device cannot run, and
-// InvalidArgument for a stack no Model accepts (empty, mismatched sizes, last layer not
-// n_classes wide).
+// Throws DeviceError with one line naming the first layer the device cannot run (an unknown
+// layer class, a transformer layer whose shape cannot be read, a tied head whose embedding is
+// ambiguous), and InvalidArgument for a stack no Model accepts (empty, mismatched sizes, last
+// layer not a multiple of n_classes wide).
 DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes,
                             const std::string& device = "cuda");
 

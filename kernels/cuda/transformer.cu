@@ -1,6 +1,11 @@
+#include <climits>
 #include <cmath>
+#include <cstdio>
+#include <span>
+#include <string>
 
 #include "base/error.h"
+#include "kernels/cuda/context.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/transformer.h"
@@ -90,12 +95,27 @@ __global__ void layernorm_dparams_kernel(const float* dy, const float* x, const 
   }
 }
 
+// The CPU twin's test of a token: an integer in [0, V) (NaN fails it).
+__device__ inline bool token_index(float t, size_t vocab, size_t* index) {
+  if (!(t >= 0.0f && t < static_cast<float>(vocab) && floorf(t) == t)) return false;
+  *index = static_cast<size_t>(t);
+  return true;
+}
+
 __global__ void embedding_forward_kernel(const float* tokens, const float* wte, const float* wpe,
-                                         float* out, size_t n_pos, size_t T, size_t C) {
+                                         float* out, size_t n_pos, size_t T, size_t C, size_t V,
+                                         unsigned long long* first_bad) {
   for (size_t i = launch::global_index(); i < n_pos * C; i += launch::grid_stride()) {
     const size_t pos = i / C, c = i % C;
-    const size_t tok = static_cast<size_t>(tokens[pos]);
-    out[i] = wte[tok * C + c] + wpe[(pos % T) * C + c];
+    size_t tok = 0;
+    if (token_index(tokens[pos], V, &tok)) {
+      out[i] = wte[tok * C + c] + wpe[(pos % T) * C + c];
+    } else {
+      out[i] = wpe[(pos % T) * C + c];
+      if (c == 0 && first_bad != nullptr) {
+        atomicMin(first_bad, static_cast<unsigned long long>(pos));
+      }
+    }
   }
 }
 
@@ -110,10 +130,11 @@ __global__ void embedding_dwpe_kernel(const float* dout, float* dwpe, size_t B, 
 
 // One thread per column: positions in order, so the sums are deterministic.
 __global__ void embedding_dwte_kernel(const float* dout, const float* tokens, float* dwte,
-                                      size_t n_pos, size_t C) {
+                                      size_t n_pos, size_t C, size_t V) {
   for (size_t c = launch::global_index(); c < C; c += launch::grid_stride()) {
     for (size_t pos = 0; pos < n_pos; ++pos) {
-      dwte[static_cast<size_t>(tokens[pos]) * C + c] += dout[pos * C + c];
+      size_t tok = 0;
+      if (token_index(tokens[pos], V, &tok)) dwte[tok * C + c] += dout[pos * C + c];
     }
   }
 }
@@ -204,12 +225,31 @@ void layernorm_backward(cudaStream_t stream, const float* dy, const float* x, co
 }
 
 void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte, const float* wpe,
-                       float* out, const EmbeddingShape& s) {
+                       float* out, const EmbeddingShape& s, unsigned long long* first_bad) {
+  if (first_bad != nullptr) {  // all ones: ULLONG_MAX, no bad position yet
+    RESYNC_CHECK_CUDA(cudaMemsetAsync(first_bad, 0xFF, sizeof(*first_bad), stream));
+  }
   const size_t n = s.batch * s.seq_len * s.dim;
   if (n == 0) return;
   embedding_forward_kernel<<<launch::blocks_for(n), launch::kBlock, 0, stream>>>(
-      tokens, wte, wpe, out, s.batch * s.seq_len, s.seq_len, s.dim);
+      tokens, wte, wpe, out, s.batch * s.seq_len, s.seq_len, s.dim, s.vocab, first_bad);
   RESYNC_CHECK_LAUNCH("embedding_forward_kernel");
+}
+
+void check_tokens(cudaStream_t stream, const unsigned long long* first_bad, const float* tokens,
+                  size_t vocab) {
+  unsigned long long pos = ULLONG_MAX;
+  download(first_bad, std::span<unsigned long long>(&pos, 1), stream);
+  synchronize(stream);
+  if (pos == ULLONG_MAX) return;
+  float token = 0.0f;
+  download(tokens + pos, std::span<float>(&token, 1), stream);
+  synchronize(stream);
+  char text[32];  // (fmt stays out of nvcc's way: the CPU twin prints the shortest form)
+  std::snprintf(text, sizeof(text), "%.9g", static_cast<double>(token));
+  throw InvalidArgument("embedding: token " + std::string(text) + " at position " +
+                        std::to_string(pos) + " is not an integer in [0, " +
+                        std::to_string(vocab) + ")");
 }
 
 void embedding_backward(cudaStream_t stream, const float* dout, const float* tokens, float* dwte,
@@ -219,7 +259,7 @@ void embedding_backward(cudaStream_t stream, const float* dout, const float* tok
       dout, dwpe, s.batch, s.seq_len, s.dim);
   RESYNC_CHECK_LAUNCH("embedding_dwpe_kernel");
   embedding_dwte_kernel<<<launch::blocks_for(s.dim), launch::kBlock, 0, stream>>>(
-      dout, tokens, dwte, s.batch * s.seq_len, s.dim);
+      dout, tokens, dwte, s.batch * s.seq_len, s.dim, s.vocab);
   RESYNC_CHECK_LAUNCH("embedding_dwte_kernel");
 }
 

@@ -28,12 +28,20 @@ void layernorm_backward(cudaStream_t stream, const float* dy, const float* x, co
                         const float* mean, const float* rstd, float* dx, float* dweight,
                         float* dbias, size_t rows, size_t cols);
 
-// Tokens must be integers in [0, V): the device does not check them (the CPU twin does).
-// The backward sums each dwte column over the positions in order (deterministic, no atomics).
+// A token that is not an integer in [0, V) (the CPU twin throws for it) is never used as an
+// index: the forward writes the position embedding alone for it and the backward skips it. With
+// `first_bad` (one value of device memory), the forward also records the first such position
+// there, for check_tokens. The backward sums each dwte column over the positions in order
+// (deterministic, no atomics).
 void embedding_forward(cudaStream_t stream, const float* tokens, const float* wte, const float* wpe,
-                       float* out, const EmbeddingShape& s);
+                       float* out, const EmbeddingShape& s,
+                       unsigned long long* first_bad = nullptr);
 void embedding_backward(cudaStream_t stream, const float* dout, const float* tokens, float* dwte,
                         float* dwpe, const EmbeddingShape& s);
+// Waits for `stream`; throws InvalidArgument, worded as the CPU twin, if the embedding_forward
+// that wrote `first_bad` met a bad token in `tokens` (the same device tokens).
+void check_tokens(cudaStream_t stream, const unsigned long long* first_bad, const float* tokens,
+                  size_t vocab);
 
 // GEMMs per (sequence, head) through cuBLAS on `stream`; softmax one thread per row.
 void attention_forward(cublasHandle_t handle, cudaStream_t stream, const float* qkv, float* out,

@@ -9,6 +9,7 @@
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/maxpool.h"
 #include "kernels/cuda/relu.h"
+#include "models/cuda/device_transformer_layers.h"
 
 namespace resync::models::cuda {
 namespace {
@@ -143,9 +144,16 @@ size_t expected_params(const DeviceLayerPlan& layer) {
       return layer.out_size * layer.in_size + layer.out_size;
     case DeviceLayerKind::kConv2d:
       return layer.conv.n_weights() + layer.conv.out_c;
+    case DeviceLayerKind::kEmbedding:
+      return (layer.seq.vocab + layer.seq.context) * layer.seq.dim;
+    case DeviceLayerKind::kLayerNorm:
+      return 2 * layer.seq.dim;
+    case DeviceLayerKind::kTransformerBlock:
+      return 12 * layer.seq.dim * layer.seq.dim + 13 * layer.seq.dim;
     case DeviceLayerKind::kRelu:
     case DeviceLayerKind::kMaxPool2d:
     case DeviceLayerKind::kFlatten:
+    case DeviceLayerKind::kTiedLmHead:  // shares the embedding's wte
       return 0;
   }
   return 0;
@@ -169,6 +177,11 @@ std::unique_ptr<DeviceLayer> make_device_layer(const DeviceLayerPlan& layer, siz
       return std::make_unique<DeviceMaxPool2d>(layer.pool, max_batch);
     case DeviceLayerKind::kFlatten:
       return std::make_unique<DeviceFlatten>(layer.out_size);
+    case DeviceLayerKind::kEmbedding:
+    case DeviceLayerKind::kLayerNorm:
+    case DeviceLayerKind::kTransformerBlock:
+    case DeviceLayerKind::kTiedLmHead:
+      return make_transformer_device_layer(layer, max_batch);
   }
   RESYNC_CHECK(false, fmt::format("device layer '{}': unknown kind", layer.name));
   return nullptr;

@@ -1,6 +1,6 @@
 // DeviceLayer: the CUDA twin of models::Layer, and make_device_layer, which builds the twin of one
-// DevicePlan layer (Linear, ReLU, Conv2d, MaxPool2d, Flatten) over the kernels/cuda launchers.
-// Built with RESYNC_WITH_CUDA only.
+// DevicePlan layer (Linear, ReLU, Conv2d, MaxPool2d, Flatten here; the gpt's layers in
+// device_transformer_layers.h) over the kernels/cuda launchers. Built with RESYNC_WITH_CUDA only.
 #pragma once
 
 #include <cstddef>
@@ -23,7 +23,8 @@ class DeviceLayer {
   // (its layers run one after another on one stream).
   virtual size_t workspace_elems() const { return 0; }
   virtual void set_workspace(std::span<float> /*workspace*/) {}
-  // params and grads: this layer's n_params floats of device memory each.
+  // params and grads: this layer's n_params floats of device memory each (a tied head: the
+  // embedding's wte and its gradient, DeviceLayerPlan::tied_offset).
   virtual void bind(float* /*params*/, float* /*grads*/) {}
 
   virtual void forward(const kernels::cuda::CudaContext& ctx, const float* x, float* y,
@@ -32,6 +33,9 @@ class DeviceLayer {
   // null, writes dx. Must follow the forward call on the same x (the pool keeps its argmax).
   virtual void backward(const kernels::cuda::CudaContext& ctx, const float* x, const float* y,
                         const float* dy, float* dx, size_t batch) = 0;
+  // After the stream has passed the last forward: throws InvalidArgument, as the CPU layer's
+  // forward would have, if that forward's inputs were bad (the embedding's tokens).
+  virtual void check_inputs(const kernels::cuda::CudaContext& /*ctx*/) {}
 };
 
 // The twin of `layer` for up to max_batch samples, allocating its own device state (the pool's

@@ -31,7 +31,10 @@ DeviceModel::~DeviceModel() = default;
 
 void DeviceModel::bind(float* params, float* grads) {
   for (size_t i = 0; i < layers_.size(); ++i) {
-    const size_t offset = plan_.layers[i].param_offset;
+    const DeviceLayerPlan& layer = plan_.layers[i];
+    // A tied head owns no parameters: it works on the embedding's wte and its gradient.
+    const size_t offset =
+        layer.kind == DeviceLayerKind::kTiedLmHead ? layer.tied_offset : layer.param_offset;
     layers_[i]->bind(params + offset, grads + offset);
   }
 }
@@ -52,8 +55,9 @@ void DeviceModel::forward_backward(const kc::CudaContext& ctx, const float* x,
   check_batch(batch);
   RESYNC_CHECK_ARG(batch > 0, "model: empty training batch");
   forward(ctx, x, batch);
+  // The mean over every label (batch x labels_per_sample rows of logits), as the CPU Model.
   kc::softmax_xent_forward_backward(ctx.stream(), acts_.back().data(), labels, dacts_.back().data(),
-                                    batch, plan_.n_classes, xent_.data());
+                                    batch * labels_per_sample(), plan_.n_classes, xent_.data());
   // Backward, mirrored: the first layer needs no gradient for the input batch.
   for (size_t i = layers_.size(); i-- > 0;) {
     float* dx = i == 0 ? nullptr : dacts_[i - 1].data();
@@ -66,12 +70,14 @@ void DeviceModel::forward_loss(const kc::CudaContext& ctx, const float* x, const
   check_batch(batch);
   if (batch > 0) forward(ctx, x, batch);
   // batch == 0 still writes zero sums, so read_loss() never returns a previous batch's.
-  kc::softmax_xent_forward(ctx.stream(), acts_.back().data(), labels, batch, plan_.n_classes,
-                           xent_.data());
+  kc::softmax_xent_forward(ctx.stream(), acts_.back().data(), labels, batch * labels_per_sample(),
+                           plan_.n_classes, xent_.data());
 }
 
 kernels::XentSums DeviceModel::read_loss(const kc::CudaContext& ctx) const {
-  return kc::read_xent_result(xent_.data(), ctx.stream());
+  const kernels::XentSums sums = kc::read_xent_result(xent_.data(), ctx.stream());
+  for (const auto& layer : layers_) layer->check_inputs(ctx);
+  return sums;
 }
 
 }  // namespace resync::models::cuda

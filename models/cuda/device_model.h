@@ -32,6 +32,8 @@ class DeviceModel {
   size_t n_params() const { return plan_.n_params; }
   size_t input_size() const { return plan_.input_size; }  // floats per sample
   size_t n_classes() const { return plan_.n_classes; }
+  // Labels (rows of logits) per sample: 1 for a classifier, T for gpt.
+  size_t labels_per_sample() const { return plan_.labels_per_sample; }
   size_t max_batch() const { return max_batch_; }
 
   // Points the layers at device buffers of n_params() floats each, laid out as the CPU model's
@@ -39,15 +41,17 @@ class DeviceModel {
   void bind(float* params, float* grads);
 
   // Issues forward, loss and backward of one batch (1 <= batch <= max_batch) on ctx's stream;
-  // x [batch x input_size()] and labels are device memory. Overwrites the gradient buffer with
-  // the gradient of the mean loss; read_loss() returns the summed loss.
+  // x [batch x input_size()] and labels [batch x labels_per_sample()] are device memory.
+  // Overwrites the gradient buffer with the gradient of the mean loss over the batch's labels;
+  // read_loss() returns the summed loss (divide by batch x labels_per_sample()).
   void forward_backward(const kernels::cuda::CudaContext& ctx, const float* x,
                         const int32_t* labels, size_t batch);
   // Forward and loss only (0 <= batch <= max_batch), for evaluation.
   void forward_loss(const kernels::cuda::CudaContext& ctx, const float* x, const int32_t* labels,
                     size_t batch);
   // Waits for ctx's stream and returns the last call's summed loss and correct count. Throws
-  // InvalidArgument for a label outside [0, n_classes()), as the CPU loss does.
+  // InvalidArgument for a label outside [0, n_classes()), as the CPU loss does, and for a token
+  // that is not an integer in [0, vocabulary), as the CPU embedding does.
   kernels::XentSums read_loss(const kernels::cuda::CudaContext& ctx) const;
 
  private:

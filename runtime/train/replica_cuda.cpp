@@ -72,16 +72,17 @@ class CudaReplica final : public Replica {
         model_(std::move(plan), max_batch),
         max_batch_(max_batch),
         input_size_(model_.input_size()),
+        labels_per_sample_(model_.labels_per_sample()),
         n_params_(model_.n_params()) {
     params_ = cuda::DeviceBuffer<float>(n_params_);
     grads_ = cuda::DeviceBuffer<float>(n_params_);
     for (size_t j = 0; j < optimizer_.n_buffers(); ++j) state_.emplace_back(n_params_);
     model_.bind(params_.data(), grads_.data());
     x_ = cuda::DeviceBuffer<float>(max_batch * input_size_);
-    labels_ = cuda::DeviceBuffer<int32_t>(max_batch);
+    labels_ = cuda::DeviceBuffer<int32_t>(max_batch * labels_per_sample_);
 
     x_host_ = std::make_unique<PinnedBuffer<float>>(max_batch * input_size_);
-    labels_host_ = std::make_unique<PinnedBuffer<int32_t>>(max_batch);
+    labels_host_ = std::make_unique<PinnedBuffer<int32_t>>(max_batch * labels_per_sample_);
     grads_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
     params_host_ = std::make_unique<PinnedBuffer<float>>(n_params_);
     host_state_ = {params_host_->span()};
@@ -124,7 +125,7 @@ class CudaReplica final : public Replica {
     }
     // Synchronises the stream: the gradient download is complete once the sums are read.
     const kernels::XentSums sums = model_.read_loss(ctx_);
-    return static_cast<float>(sums.loss_sum / static_cast<double>(n));
+    return static_cast<float>(sums.loss_sum / static_cast<double>(n * labels_per_sample_));
   }
 
   std::span<float> gradient_buffer() override { return grads_host_->span(); }
@@ -196,7 +197,7 @@ class CudaReplica final : public Replica {
 
   models::EvalResult evaluate(const float* x, const int32_t* y, size_t n) override {
     models::EvalResult result;
-    result.count = n;
+    result.count = n * labels_per_sample_;
     if (n == 0) return result;
     stage_batch(x, y, n);
     model_.forward_loss(ctx_, x_.data(), labels_.data(), n);
@@ -222,9 +223,11 @@ class CudaReplica final : public Replica {
     ctx_.make_current();
     // The previous call synchronised the stream, so no copy still reads the staging buffers.
     std::memcpy(x_host_->data(), x, n * input_size_ * sizeof(float));
-    std::memcpy(labels_host_->data(), y, n * sizeof(int32_t));
+    const size_t n_labels = n * labels_per_sample_;
+    std::memcpy(labels_host_->data(), y, n_labels * sizeof(int32_t));
     cuda::upload(std::span<const float>(x_host_->first(n * input_size_)), x_.data(), ctx_.stream());
-    cuda::upload(std::span<const int32_t>(labels_host_->first(n)), labels_.data(), ctx_.stream());
+    cuda::upload(std::span<const int32_t>(labels_host_->first(n_labels)), labels_.data(),
+                 ctx_.stream());
   }
 
   cuda::CudaContext ctx_;  // first: the device buffers below are freed before the stream
@@ -232,6 +235,7 @@ class CudaReplica final : public Replica {
   models::cuda::DeviceModel model_;  // holds views of params_ and grads_
   size_t max_batch_;
   size_t input_size_;
+  size_t labels_per_sample_;  // 1, or T for gpt (one label per position)
   size_t n_params_;
   std::string description_;
   std::string model_description_;

@@ -5,7 +5,7 @@ Started by scripts/gpu/check.sh (see its header and the README's "GPU check"); t
 from scripts/gpu/prepare.sh. Standard library only: it runs on the bare GPU node's python3.
 
   check.py [--bundle DIR] [--out DIR] [--work DIR] [--budget-s 360] [--only STEP,...]
-           [--models mlp,cnn] [--no-dpkg] [--keep-work]
+           [--models gpt,mlp,cnn] [--no-dpkg] [--keep-work]
   check.py --make-cpu-ref FILE [...]     (prepare.sh: the CPU reference figures, same runner)
 
 Steps (--only takes these names): libs, info, tests, train, bench. Each check prints one line
@@ -50,9 +50,28 @@ MIN_ACC_TOL = 0.015   # the accuracy tolerance is max(this, the spread over seed
 # Accuracy after one epoch below which a run has not learned (cnn ~0.86, mlp ~0.84 on the CPU).
 MIN_ACC = {"mlp": 0.75, "cnn": 0.75}
 
+# gpt (--models gpt): a short AdamW run of the default shape (L4 H4 C128 T128, 842,496
+# parameters) on the bundle's text (the first 1 MB of the King James Bible), np 1 and np 2 (two
+# ranks sharing the GPU over the host-staged ring), against the same runs with --device cpu
+# (prepare.sh). Same seed, data order and initial parameters: the step-0 loss must agree to
+# rounding, the validation loss after GPT_STEPS steps within GPT_LOSS_TOL nats (rounding grows
+# over the steps; the CPU's own spread over seeds is in the reference as a guide).
+GPT_STEPS = 150
+GPT_CONTEXT = 128
+GPT_FLAGS = ["--steps", str(GPT_STEPS), "--context", str(GPT_CONTEXT), "--batch-size", "16",
+             "--optimizer", "adamw", "--lr",
+             "1e-3", "--warmup-steps", "20", "--lr-schedule", "cosine", "--min-lr", "1e-4",
+             "--weight-decay", "0.1", "--grad-clip", "1"]
+GPT_CONFIGS = [("np1", 1), ("np2", 2)]
+GPT_NOISE_SEEDS = [2]  # an extra CPU np1 run: how much the validation loss moves with the seed
+GPT_LOSS_TOL = 0.05    # nats, validation loss, cuda vs cpu
+GPT_STEP0_RTOL = 1e-3  # relative, the first step's loss (rank 0's batch), cuda vs cpu
+GPT_MAX_LOSS = 3.0     # nats: below the byte-frequency plateau (~3.1), the model uses context
+
 GTESTS = [
     # (name, binary, ranks or None for a direct run, needs a device to PASS rather than SKIP)
     ("cuda_kernels_test", "cuda_kernels_test", None),
+    ("device_model_cuda_test", "device_model_cuda_test", None),  # gpt loss + every gradient
     ("replica_cuda_test", "replica_cuda_test", None),
     ("cuda_context_test", "cuda_context_test", None),
     ("nccl_allreduce_gpu_test.np1", "nccl_allreduce_gpu_test", 1),
@@ -383,9 +402,11 @@ class Check:
         metrics = os.path.join(self.logs, f"{name}.jsonl")
         if os.path.exists(metrics):
             os.remove(metrics)
-        argv = [self.resync, "train", "--device", device, "--model", model, "--data",
-                f"idx:{self.data}", "--epochs", "1", "--seed", str(seed), "--metrics", metrics,
-                "--log-level", "warn", "--progress", "off"] + extra
+        data = ["--data", f"text:{self.text}"] + GPT_FLAGS if model == "gpt" else \
+            ["--data", f"idx:{self.data}", "--epochs", "1"]
+        argv = [self.resync, "train", "--device", device, "--model", model] + data + [
+                "--seed", str(seed), "--metrics", metrics, "--log-level", "warn",
+                "--progress", "off"] + extra
         t = time.monotonic()
         rc, out = self.run(name, self.mpirun(np_, argv), timeout)
         wall = time.monotonic() - t
@@ -397,7 +418,11 @@ class Check:
         if summary is None:
             return None, "no summary record in the metrics"
         steps = [r for r in rows if r.get("event") == "step"]
+        evals = [r for r in rows if r.get("event") == "eval"]
         fig = {"acc": summary.get("test_accuracy"), "agree": summary.get("ranks_agree"),
+               "loss": evals[-1].get("test_loss") if evals else None,
+               "bpb": evals[-1].get("test_bits_per_byte") if evals else None,
+               "step0_loss": steps[0].get("loss") if steps else None,
                "sps": summary.get("samples_per_s"), "steps": summary.get("steps"),
                "checksum": summary.get("param_checksum"),
                "dropped": summary.get("dropped_gradients"), "catch_ups": summary.get("catch_ups"),
@@ -409,6 +434,9 @@ class Check:
 
     def step_train(self):
         for model in self.models:
+            if model == "gpt":
+                self.train_gpt()
+                continue
             for cfg, np_, extra, ref_key, tol_factor in TRAIN_CONFIGS:
                 name = f"train {model} {cfg}"
                 if not self.gpu:
@@ -450,6 +478,51 @@ class Check:
                             ("; ".join(problems) + " -- " if problems else "") + detail)
                 self.train_figs[f"{model}.{cfg}"] = fig
 
+    def train_gpt(self):
+        """gpt on text, --device cuda against the CPU reference with the same flags."""
+        for cfg, np_ in GPT_CONFIGS:
+            name = f"train gpt {cfg}"
+            if not self.gpu:
+                self.record("SKIP", name, self.no_gpu_reason)
+                continue
+            if self.over_budget(name):
+                continue
+            fig, err = self.train(f"{self.device}-gpt-{cfg}", self.device, "gpt", np_, [])
+            if fig is None:
+                self.record("FAIL", name, err)
+                continue
+            ref = self.cpu_ref.get(f"gpt.{cfg}")
+            problems = []
+            if fig["agree"] is not True:
+                problems.append("replicas DISAGREE")
+            if fig["loss"] is None or not fig["loss"] < GPT_MAX_LOSS:
+                problems.append(f"validation loss {fig['loss']} not below {GPT_MAX_LOSS}")
+            cmp = "no CPU reference"
+            if ref and fig["loss"] is not None:
+                diff = fig["loss"] - ref["loss"]
+                cmp = (f"CPU {ref['loss']:.4f} ({diff:+.4f}, tolerance {GPT_LOSS_TOL}; CPU seed "
+                       f"spread {self.cpu_ref.get('gpt.seed_spread', float('nan')):.4f})")
+                if abs(diff) > GPT_LOSS_TOL:
+                    problems.append(f"validation loss {fig['loss']:.4f} vs CPU {ref['loss']:.4f}")
+                if fig["step0_loss"] is not None and ref.get("step0_loss") is not None:
+                    d0 = abs(fig["step0_loss"] - ref["step0_loss"])
+                    cmp += f"; step-0 loss {fig['step0_loss']:.6f} vs CPU {ref['step0_loss']:.6f}"
+                    if d0 > GPT_STEP0_RTOL * abs(ref["step0_loss"]):
+                        problems.append(f"step-0 loss {fig['step0_loss']:.6f} vs CPU "
+                                        f"{ref['step0_loss']:.6f}")
+            tokens = fig["sps"] * GPT_CONTEXT if fig["sps"] else 0
+            share = ""
+            if fig["step_ms"] and fig["comm_ms"] is not None and np_ > 1:
+                share = (f", exchange {fig['comm_ms']:.3f} of {fig['step_ms']:.3f} ms/step "
+                         f"({100 * fig['comm_ms'] / fig['step_ms']:.0f}%)")
+            loss = f"{fig['loss']:.4f}" if fig["loss"] is not None else "?"
+            detail = (f"val loss {loss} nats ({fig['bpb']} bits/byte) vs {cmp}; agree "
+                      f"{fig['agree']}; {fig['sps']:.0f} samples/s = {tokens:.0f} tokens/s; "
+                      f"{fig['steps']} steps{share}; {fig['wall_s']} s")
+            self.record("FAIL" if problems else "PASS", name,
+                        ("; ".join(problems) + " -- " if problems else "") + detail)
+            self.train_figs[f"gpt.{cfg}"] = fig
+
     def step_cpu_control(self):
         """The CPU path through the same bundle on this machine: --device cpu, np 2, against the
         reference prepare.sh stored (bit-identical where the BLAS takes the same code path)."""
@@ -477,12 +550,13 @@ class Check:
     # ---- benchmarks -----------------------------------------------------------------------
     def step_bench(self):
         torch_rows = {}
-        if self.gpu and not self.over_budget("bench torch eager"):
+        bench_models = [m for m in self.models if m != "gpt"]  # gpt: figures in its train line
+        if bench_models and self.gpu and not self.over_budget("bench torch eager"):
             # PyTorch in the machine's own environment: not the bundle's libraries.
             rc, out = self.run("bench-torch", [self.args.torch_python or sys.executable,
                                                os.path.join(HERE, "torch_step.py"), "--device",
                                                self.device, "--model",
-                                               self.models[0] if len(self.models) == 1
+                                               bench_models[0] if len(bench_models) == 1
                                                else "all"], 240, env=dict(os.environ))
             for m in re.finditer(r"^torch (\S+) (\S+) batch \d+ iters \d+ ms/step (\S+) "
                                  r"samples/s (\S+) loss \S+ device (.*)$", out, re.M):
@@ -495,7 +569,7 @@ class Check:
                 self.record("SKIP", "bench torch eager", out.strip().splitlines()[-1][:200])
             else:
                 self.record("FAIL", "bench torch eager", f"exit {rc}: {out.strip()[-300:]}")
-        for model in self.models:
+        for model in bench_models:
             name = f"bench step {model}"
             if not self.gpu:
                 # The CPU figure alone, so the benchmark's path still runs without a device.
@@ -548,6 +622,9 @@ class Check:
         ref = {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": os.uname().nodename,
                "nproc": os.cpu_count(), "runs": {}}
         for model in self.models:
+            if model == "gpt":
+                self.make_gpt_ref(ref)
+                continue
             accs = []
             for cfg, np_, extra, ref_key, _ in TRAIN_CONFIGS:
                 if ref_key != cfg:
@@ -574,6 +651,25 @@ class Check:
         with open(path, "w") as f:
             json.dump(ref, f, indent=1, sort_keys=True)
 
+    def make_gpt_ref(self, ref):
+        for cfg, np_ in GPT_CONFIGS:
+            fig, err = self.train(f"ref-gpt-{cfg}", "cpu", "gpt", np_, [], timeout=900)
+            if fig is None:
+                raise RuntimeError(f"CPU reference gpt {cfg}: {err}")
+            ref[f"gpt.{cfg}"] = fig
+            self.say(f"REF   gpt {cfg}: val loss {fig['loss']:.4f} step-0 loss "
+                     f"{fig['step0_loss']:.6f} agree {fig['agree']} {fig['sps']:.1f} samples/s "
+                     f"{fig['wall_s']} s")
+        losses = [ref["gpt.np1"]["loss"]]
+        for seed in GPT_NOISE_SEEDS:
+            fig, err = self.train(f"ref-gpt-np1-seed{seed}", "cpu", "gpt", 1, [], seed=seed,
+                                  timeout=900)
+            if fig is None:
+                raise RuntimeError(f"CPU reference gpt seed {seed}: {err}")
+            losses.append(fig["loss"])
+            self.say(f"REF   gpt np1 seed {seed}: val loss {fig['loss']:.4f}")
+        ref["gpt.seed_spread"] = max(losses) - min(losses)
+
     # ---- main -----------------------------------------------------------------------------
     def main(self):
         os.makedirs(self.logs, exist_ok=True)
@@ -593,6 +689,7 @@ class Check:
                  f"{self.manifest.get('built', '?')}, CUDA archs {self.manifest.get('cuda_archs', '?')}")
         self.host_info()
         self.data = os.path.join(self.bundle, "data", "fashion-mnist")
+        self.text = os.path.join(self.bundle, "data", "bible-kjv-1m.txt")
         ref_path = os.path.join(self.bundle, "ref", "cpu_ref.json")
         if os.path.exists(ref_path) and not self.args.make_cpu_ref:
             self.cpu_ref = json.load(open(ref_path))
@@ -664,7 +761,8 @@ def main():
                     help="start no check after this many seconds, and stop any at 60 s past "
                          "them (default 360: the whole run ends inside 7 minutes)")
     ap.add_argument("--only", default="", help="comma-separated steps: tests,train,bench")
-    ap.add_argument("--models", default="mlp,cnn")
+    ap.add_argument("--models", default="gpt,mlp,cnn",
+                    help="mlp and cnn: Fashion-MNIST runs and bench step; gpt: text runs")
     ap.add_argument("--no-dpkg", action="store_true", help="unpack with deb_extract.py")
     ap.add_argument("--keep-work", action="store_true")
     ap.add_argument("--torch-python", default=None, help="python with PyTorch (default: this one)")

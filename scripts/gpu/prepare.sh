@@ -10,7 +10,9 @@
 #      beyond libc6, libstdc++6, libgcc-s1 and the CUDA toolkit (scripts/gpu/deps.py reads ldd);
 #      libstdc++6 and libgcc-s1 travel too, as a fallback check.sh unpacks only where the node's
 #      own are older than bookworm's;
-#   4. copies Fashion-MNIST ($FASHION_MNIST_DIR, default /usr/share/datasets/fashion-mnist);
+#   4. copies Fashion-MNIST ($FASHION_MNIST_DIR, default /usr/share/datasets/fashion-mnist) and
+#      the first 1 MB of the King James Bible (Debian's bible-kjv, as `--data bible-kjv` reads it)
+#      for the gpt runs;
 #   5. runs the CPU reference (check.py --make-cpu-ref: every training configuration of the check
 #      with --device cpu, through the unpacked bundle, plus seeds 2 and 3 for the noise) into
 #      .gpu-bundle/ref/cpu_ref.json; a few minutes on 2 cores;
@@ -39,7 +41,8 @@ for a in "$@"; do
 done
 
 # The test binaries check.py runs (tests/kernels/cuda, tests/models), and the program.
-tests=(cuda_kernels_test cuda_context_test nccl_allreduce_gpu_test nccl_allreduce_test replica_cuda_test)
+tests=(cuda_kernels_test cuda_context_test nccl_allreduce_gpu_test nccl_allreduce_test replica_cuda_test
+       device_model_cuda_test)
 say() { echo "prepare: $*"; }
 
 # 1. Build.
@@ -109,6 +112,14 @@ for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte 
   elif [ -f "$data_src/$f" ]; then gzip -c "$data_src/$f" > "$bundle/data/fashion-mnist/$f.gz"
   else echo "prepare: $data_src lacks $f(.gz)" >&2; exit 1; fi
 done
+
+bible_cache="${XDG_CACHE_HOME:-$HOME/.cache}/resync/bible-kjv.txt"
+if [ -s "$bible_cache" ]; then head -c 1000000 "$bible_cache" > "$bundle/data/bible-kjv-1m.txt"
+elif command -v bible >/dev/null; then
+  { bible -l79 gen1:1-rev22:21 || true; } | head -c 1000000 > "$bundle/data/bible-kjv-1m.txt"
+else echo "prepare: no bible-kjv text ($bible_cache, or the bible program of bible-kjv)" >&2; exit 1; fi
+[ "$(stat -c %s "$bundle/data/bible-kjv-1m.txt")" = 1000000 ] ||
+  { echo "prepare: the bible-kjv text is shorter than 1 MB" >&2; exit 1; }
 
 # 6 (first half). The newest glibc symbol version anything in the bundle needs.
 mkdir "$stage/root"

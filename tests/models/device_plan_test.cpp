@@ -1,7 +1,7 @@
 // The device plan (models/device_plan.h) on the CPU: the kinds, shapes and parameter offsets of
-// mlp, cnn and a registered custom model read from the CPU layers, agreement with the CPU
-// Model, and the one-line refusal that names a layer no device implements. Its own binary:
-// it registers models, which models_test's registry checks must not see.
+// mlp, cnn, gpt and registered custom models read from the CPU layers, agreement with the CPU
+// Model, and the one-line refusals (a layer no device implements, an ambiguous tie). Its own
+// binary: it registers models, which models_test's registry checks must not see.
 #include "models/device_plan.h"
 
 #include <gtest/gtest.h>
@@ -15,6 +15,7 @@
 #include "models/conv_layers.h"
 #include "models/layers.h"
 #include "models/model.h"
+#include "models/transformer_layers.h"
 #include "tests/models/custom_layers.h"
 
 namespace resync::models {
@@ -165,31 +166,109 @@ TEST(DevicePlan, UnsupportedLayerIsRefusedByName) {
   EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
 }
 
-TEST(DevicePlan, GptIsRefusedByItsFirstLayer) {
-  // The gpt layers have CUDA kernels (kernels/cuda/transformer.h) but no device layers yet.
+ModelSpec gpt_spec_for(size_t n_layer, size_t n_head, size_t n_embd, size_t context, size_t vocab) {
   ModelSpec spec;
   spec.name = "gpt";
   spec.in_height = 1;
-  spec.in_width = 8;
-  spec.n_classes = 16;
-  spec.n_layer = 1;
-  spec.n_head = 2;
-  spec.n_embd = 8;
-  EXPECT_NO_THROW(make_model(spec, 2, 1));
-  try {
-    make_device_plan(spec, "cuda");
-    FAIL() << "a device plan for the gpt";
-  } catch (const DeviceError& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find("'embedding V16 T8 C8', has no cuda implementation"), std::string::npos)
-        << msg;
+  spec.in_width = context;
+  spec.n_classes = vocab;
+  spec.n_layer = n_layer;
+  spec.n_head = n_head;
+  spec.n_embd = n_embd;
+  return spec;
+}
+
+// The gpt's layers: shapes read from each layer, offsets as the CPU Model binds them, the tied
+// head pointed at the embedding's wte, one label per position.
+TEST(DevicePlan, GptLayersShapesAndTie) {
+  const size_t V = 16, T = 6, C = 8, NH = 2, L = 2;
+  const ModelSpec spec = gpt_spec_for(L, NH, C, T, V);
+  const DevicePlan plan = make_device_plan(spec);
+  const size_t emb = (V + T) * C, block = 12 * C * C + 13 * C;
+  expect_layers(
+      plan, {{Kind::kEmbedding, "embedding V16 T6 C8", T, T * C, 0, emb},
+             {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb, block},
+             {Kind::kTransformerBlock, "block T6 C8 H2", T * C, T * C, emb + block, block},
+             {Kind::kLayerNorm, "layernorm T6 C8", T * C, T * C, emb + 2 * block, 2 * C},
+             {Kind::kTiedLmHead, "tied head C8 V16", T * C, T * V, emb + 2 * block + 2 * C, 0}});
+  EXPECT_EQ(plan.labels_per_sample, T);
+  EXPECT_EQ(plan.input_size, T);
+  for (const DeviceLayerPlan& layer : plan.layers) {
+    SCOPED_TRACE(layer.name);
+    EXPECT_EQ(layer.seq.context, T);
+    EXPECT_EQ(layer.seq.dim, C);
   }
-  // A stack of supported layers with several labels per sample is refused too: device models
-  // compute one label per sample.
+  EXPECT_EQ(plan.layers[0].seq.vocab, V);
+  EXPECT_TRUE(plan.layers[0].tied) << "the head writes dwte first: the embedding must add";
+  EXPECT_EQ(plan.layers[1].seq.n_head, NH);
+  EXPECT_EQ(plan.layers[2].seq.n_head, NH);
+  EXPECT_EQ(plan.layers[4].seq.vocab, V);
+  EXPECT_EQ(plan.layers[4].tied_offset, 0u) << "wte starts the embedding's slice";
+  expect_matches_cpu_model(plan, spec);
+  const auto cpu = make_model(spec, 2, 1);
+  EXPECT_EQ(plan.labels_per_sample, cpu->labels_per_sample());
+
+  // Another shape: one block of four heads, a vocabulary larger than the context.
+  const DevicePlan other = make_device_plan(gpt_spec_for(1, 4, 12, 3, 40));
+  ASSERT_EQ(other.layers.size(), 4u);
+  EXPECT_EQ(other.layers[1].seq.n_head, 4u);
+  EXPECT_EQ(other.layers[1].seq.dim, 12u);
+  EXPECT_EQ(other.layers[3].seq.vocab, 40u);
+  EXPECT_EQ(other.layers[3].seq.context, 3u);
+  EXPECT_EQ(other.labels_per_sample, 3u);
+  expect_matches_cpu_model(other, gpt_spec_for(1, 4, 12, 3, 40));
+}
+
+// A registered stack of transformer layers in another arrangement: a LayerNorm first, an
+// untied embedding (no head: its backward overwrites dwte).
+LayerStack build_untied_embedding(const ModelSpec& spec) {
+  LayerStack stack;
+  stack.label = "untied";
+  const size_t T = spec.input_size();
+  stack.layers.push_back(std::make_unique<TokenPositionEmbedding>(spec.n_classes, T, 4));
+  stack.layers.push_back(std::make_unique<LayerNormLayer>(T, 4));
+  stack.layers.push_back(std::make_unique<Linear>(T * 4, spec.n_classes));
+  return stack;
+}
+
+TEST(DevicePlan, UntiedEmbeddingAndSeveralLabelsPerSample) {
+  register_model("plan-untied", &build_untied_embedding);
+  const DevicePlan plan = make_device_plan(spec_for("plan-untied", 1, 1, 5, 7));
+  ASSERT_EQ(plan.layers.size(), 3u);
+  EXPECT_EQ(plan.layers[0].kind, Kind::kEmbedding);
+  EXPECT_FALSE(plan.layers[0].tied);
+  EXPECT_EQ(plan.layers[1].param_offset, (7u + 5u) * 4u);
+  EXPECT_EQ(plan.labels_per_sample, 1u);
+
+  // Any supported stack whose last layer is k x n_classes wide has k labels per sample.
   LayerStack two_labels;
   two_labels.label = "two-labels";
   two_labels.layers.push_back(std::make_unique<Linear>(8, 6));
-  EXPECT_THROW(make_device_plan(std::move(two_labels), 3), DeviceError);
+  EXPECT_EQ(make_device_plan(std::move(two_labels), 3).labels_per_sample, 2u);
+}
+
+// A tied head in a stack of two embeddings: the plan cannot tell whose wte it shares (the CPU
+// head keeps that to itself), so the device refuses it in one line.
+TEST(DevicePlan, TiedHeadWithTwoEmbeddingsIsRefused) {
+  LayerStack stack;
+  stack.label = "two-embeddings";
+  auto first = std::make_unique<TokenPositionEmbedding>(10, 4, 4);
+  auto second = std::make_unique<TokenPositionEmbedding>(10, 4, 4);
+  TokenPositionEmbedding& tied_to = *second;
+  stack.layers.push_back(std::move(first));
+  stack.layers.push_back(std::make_unique<Linear>(16, 4));  // back to 4 "tokens"
+  stack.layers.push_back(std::move(second));
+  stack.layers.push_back(std::make_unique<TiedLmHead>(tied_to, 10, 4, 4));
+  std::string msg;
+  try {
+    make_device_plan(stack, 10, "cuda");
+    FAIL() << "a plan for a tied head with two embeddings";
+  } catch (const DeviceError& e) {
+    msg = e.what();
+  }
+  EXPECT_NE(msg.find("'tied head C4 V10'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("exactly one embedding (this one has 2)"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
 }
 
 TEST(DevicePlan, StacksTheCpuModelRefusesAreRefused) {

@@ -9,6 +9,7 @@
 
 #include "base/error.h"
 #include "kernels/cuda/context.h"
+#include "models/gpt.h"
 #include "models/layers.h"
 #include "models/model.h"
 #include "runtime/train/replica.h"
@@ -69,6 +70,26 @@ TEST(CudaReplicaPlan, SupportedRegisteredModelGetsPastThePlan) {
   } else {
     const auto gpu = make_replica("cuda", spec, 4, 1, {}, 0);
     EXPECT_EQ(gpu->n_params(), make_replica("cpu", spec, 4, 1, {}, 0)->n_params());
+  }
+}
+
+// The gpt's layers (embedding, blocks, LayerNorm, tied head) all have device twins: `--model gpt
+// --device cuda` gets past the plan, so without a device the refusal is the missing device.
+TEST(CudaReplicaPlan, GptGetsPastThePlan) {
+  const models::ModelSpec spec = models::gpt_spec(1, 2, 8, 4, 16);
+  if (kernels::cuda::query_devices().n_devices == 0) {
+    try {
+      make_replica("cuda", spec, 2, 1, {}, 0);
+      FAIL() << "make_replica(\"cuda\") succeeded without a device";
+    } catch (const DeviceError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("no CUDA device is available"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find("implementation"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
+    }
+  } else {
+    const auto gpu = make_replica("cuda", spec, 2, 1, {}, 0);
+    EXPECT_EQ(gpu->n_params(), make_replica("cpu", spec, 2, 1, {}, 0)->n_params());
   }
 }
 

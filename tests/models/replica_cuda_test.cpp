@@ -1,8 +1,8 @@
 // The CUDA replica against the CPU replica on seeded inputs (label gpu): same initial parameters,
 // close losses, gradients and parameters over several steps, state round trips, device-side
-// gradients, evaluation, place_state declining, and the out-of-memory error; for mlp, cnn and a
-// model registered here (models::register_model), as an outside program would. Skips visibly
-// without a device.
+// gradients, evaluation, place_state declining, and the out-of-memory error; for mlp, cnn, a small
+// gpt (one label per position, AdamW) and a model registered here (models::register_model), as
+// an outside program would. Skips visibly without a device.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -17,6 +17,7 @@
 #include "base/random.h"
 #include "kernels/cuda/context.h"
 #include "models/conv_layers.h"
+#include "models/gpt.h"
 #include "models/layers.h"
 #include "runtime/train/replica.h"
 #include "tests/models/custom_layers.h"
@@ -47,6 +48,9 @@ models::LayerStack build_odd_conv(const models::ModelSpec& spec) {
 }();
 
 models::ModelSpec spec_for(const std::string& name) {
+  // Two blocks of two heads, 8 positions over 12 tokens: every gpt layer, small enough that the
+  // CPU twin runs these tests in moments.
+  if (name == "gpt") return models::gpt_spec(2, 2, 16, 8, 12);
   models::ModelSpec spec;
   spec.name = name;
   spec.hidden = {64, 32};
@@ -109,7 +113,7 @@ TEST_P(CudaReplicaTest, MatchesCpuReplicaOverSeveralSteps) {
   const Batch test = seeded_batch(spec, 13, 77);
   const models::EvalResult eg = gpu->evaluate(test.x.data(), test.y.data(), 13);
   const models::EvalResult ec = cpu->evaluate(test.x.data(), test.y.data(), 13);
-  EXPECT_EQ(eg.count, 13u);
+  EXPECT_EQ(eg.count, 13u * testing::labels_per_sample(spec));
   EXPECT_NEAR(eg.loss_sum, ec.loss_sum, 1e-4 * std::fabs(ec.loss_sum) + 1e-4);
   EXPECT_LE(eg.correct > ec.correct ? eg.correct - ec.correct : ec.correct - eg.correct, 1u)
       << "correct: cuda " << eg.correct << " cpu " << ec.correct;
@@ -241,8 +245,8 @@ std::string model_name(const ::testing::TestParamInfo<std::string>& param) {
   return name;
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, CudaReplicaTest, ::testing::Values("mlp", "cnn", "odd-conv"),
-                         model_name);
+INSTANTIATE_TEST_SUITE_P(Models, CudaReplicaTest,
+                         ::testing::Values("mlp", "cnn", "odd-conv", "gpt"), model_name);
 
 TEST(CudaReplicaErrors, OutOfMemoryIsOneLineDeviceError) {
   if (kernels::cuda::query_devices().n_devices == 0) GTEST_SKIP() << "no CUDA device available";

@@ -279,21 +279,30 @@ def scenario_stranger_refused():
 
 
 def scenario_device_cuda_without_gpu():
-    """`--device cuda` where no GPU can be used: exit 1 and one error line on every rank count."""
+    """`--device cuda` where no GPU can be used: exit 1 and one error line on every rank count,
+    for mlp and for gpt (whose layers all have device twins, so the device is what is missing)."""
     info = subprocess.run([MPIEXEC, "-np", "1", RESYNC, "info"], env=ENV, capture_output=True,
                           text=True, timeout=60)
     if "no CUDA device" not in info.stdout and "CUDA:    not built" not in info.stdout and \
             "no CUDA support" not in info.stdout:
         print("SKIPPED: this machine has a CUDA device (the GPU tests cover it)")
         sys.exit(77)
-    for np in (1, 2):
-        p = run(np, ["train", "--device", "cuda"] + QUICK + ["--steps", "3"])
+    text = os.path.join(TMP, "text.txt")
+    with open(text, "w") as f:
+        f.write("In the beginning was the word, and the word was with the bytes. " * 40)
+    gpt = ["--model", "gpt", "--data", f"text:{text}", "--n-layer", "1", "--n-head", "2",
+           "--n-embd", "16", "--context", "16", "--batch-size", "4", "--log-level", "warn"]
+    for np, model_args in ((1, QUICK), (2, QUICK), (1, gpt), (2, gpt)):
+        p = run(np, ["train", "--device", "cuda"] + model_args + ["--steps", "3"])
+        what = f"--device cuda {'--model gpt ' if model_args is gpt else ''}without a GPU at np {np}"
         if p.returncode != 1:
-            fail(f"--device cuda without a GPU at np {np} exited {p.returncode}, expected 1\n"
-                 f"{p.stderr[-2000:]}")
+            fail(f"{what} exited {p.returncode}, expected 1\n{p.stderr[-2000:]}")
         ours = [l for l in p.stderr.splitlines() if l.startswith("resync: error")]
         if len(ours) != 1 or "cuda" not in ours[0].lower():
-            fail(f"expected one 'resync: error' line about CUDA at np {np}, got {ours}")
+            fail(f"expected one 'resync: error' line about CUDA ({what}), got {ours}")
+        # The gpt's layers all have device twins now: the refusal is the missing device.
+        if "implementation" in ours[0]:
+            fail(f"{what}: refused by the device plan, not for the missing device: {ours[0]}")
     expect_bad_input(1, ["train", "--collective", "nccl"] + QUICK, "--device cuda")
 
 
