@@ -1,9 +1,12 @@
 #include "runtime/train/train_common.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <exception>
 
+#include "base/error.h"
 #include "collectives/transport/world.h"
 #include "kernels/gemm.h"
 #include "runtime/train/train.h"
@@ -53,6 +56,12 @@ OptimizerConfig optimizer_config(const TrainConfig& cfg, uint64_t total_updates)
 }
 
 models::ModelSpec Setup::model_spec() const {
+  // The gpt reads byte tokens; image pixels would fail at its first step instead.
+  if (cfg.model == "gpt" && data.train.context == 0) {
+    throw InvalidArgument(fmt::format(
+        "--model gpt trains on text (--data bible-kjv or text:FILE); --data {} holds images",
+        cfg.data));
+  }
   models::ModelSpec spec;
   spec.name = cfg.model;
   spec.hidden = cfg.hidden;

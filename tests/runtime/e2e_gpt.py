@@ -60,6 +60,9 @@ def scenario_bad_input():
         (1, TINY + ["--n-layer", "0"], "--n-layer"),
         (1, TINY + ["--context", "0"], "--context"),
         (1, TINY + ["--n-embd", "-4"], "--n-embd"),
+        # Images are not tokens: refused at set-up (it failed at the first step with exit 1).
+        (2, TINY + ["--data", "synthetic"], "holds images"),
+        (3, TINY + ["--data", "synthetic", "--mode", "async", "--ps", "1"], "holds images"),
     ]
     if os.geteuid() != 0:  # root reads a file whatever its mode
         cases.append((1, TINY + ["--data", "text:" + unreadable], "unreadable.txt"))
