@@ -2,7 +2,6 @@
 
 #include <fmt/format.h>
 
-#include <cstdio>
 #include <utility>
 
 #include "base/error.h"
@@ -13,37 +12,23 @@
 namespace resync::models {
 namespace {
 
-enum class Translation { kOk, kNoDeviceLayer, kShapeUnreadable };
+enum class Translation { kOk, kNoDeviceLayer, kShapeMismatch };
 
-// The transformer layers tell their shape only through name() and their sizes
-// (models/transformer_layers.h). The name is read, then checked against every size, so a layer
-// whose name changes format is refused in one line instead of misread.
-bool read_sequence_shape(const Layer& layer, DeviceLayerKind kind, SequenceShape& s) {
-  const std::string name = layer.name();
-  const char* text = name.c_str();
-  char extra = 0;  // anything after the expected fields makes sscanf count one more
+// A transformer layer's shape must account for every size it reports (a layer whose sizes
+// changed meaning is refused in one line instead of misread).
+bool sizes_fit(const Layer& layer, DeviceLayerKind kind, const SequenceShape& s) {
   const size_t in = layer.in_size(), out = layer.out_size(), n_params = layer.n_params();
   switch (kind) {
     case DeviceLayerKind::kEmbedding:
-      return std::sscanf(text, "embedding V%zu T%zu C%zu%c", &s.vocab, &s.context, &s.dim,
-                         &extra) == 3 &&
-             in == s.context && out == s.context * s.dim &&
+      return in == s.context && out == s.context * s.dim &&
              n_params == (s.vocab + s.context) * s.dim;
     case DeviceLayerKind::kLayerNorm:
-      return std::sscanf(text, "layernorm T%zu C%zu%c", &s.context, &s.dim, &extra) == 2 &&
-             in == s.context * s.dim && out == in && n_params == 2 * s.dim;
+      return in == s.context * s.dim && out == in && n_params == 2 * s.dim;
     case DeviceLayerKind::kTransformerBlock:
-      return std::sscanf(text, "block T%zu C%zu H%zu%c", &s.context, &s.dim, &s.n_head, &extra) ==
-                 3 &&
-             s.n_head > 0 && s.dim % s.n_head == 0 && in == s.context * s.dim && out == in &&
+      return s.n_head > 0 && s.dim % s.n_head == 0 && in == s.context * s.dim && out == in &&
              n_params == 12 * s.dim * s.dim + 13 * s.dim;
     case DeviceLayerKind::kTiedLmHead:
-      if (std::sscanf(text, "tied head C%zu V%zu%c", &s.dim, &s.vocab, &extra) != 2 || s.dim == 0 ||
-          in % s.dim != 0) {
-        return false;
-      }
-      s.context = in / s.dim;
-      return out == s.context * s.vocab && n_params == 0;
+      return in == s.context * s.dim && out == s.context * s.vocab && n_params == 0;
     default:
       return true;
   }
@@ -64,19 +49,22 @@ Translation translate(const Layer& layer, DeviceLayerPlan& out) {
     out.pool = pool->shape();
   } else if (dynamic_cast<const Flatten*>(&layer) != nullptr) {
     out.kind = DeviceLayerKind::kFlatten;
-  } else if (dynamic_cast<const TokenPositionEmbedding*>(&layer) != nullptr) {
+  } else if (const auto* embedding = dynamic_cast<const TokenPositionEmbedding*>(&layer)) {
     out.kind = DeviceLayerKind::kEmbedding;
-  } else if (dynamic_cast<const LayerNormLayer*>(&layer) != nullptr) {
+    out.seq = embedding->shape();
+  } else if (const auto* norm = dynamic_cast<const LayerNormLayer*>(&layer)) {
     out.kind = DeviceLayerKind::kLayerNorm;
-  } else if (dynamic_cast<const TransformerBlock*>(&layer) != nullptr) {
+    out.seq = norm->shape();
+  } else if (const auto* block = dynamic_cast<const TransformerBlock*>(&layer)) {
     out.kind = DeviceLayerKind::kTransformerBlock;
-  } else if (dynamic_cast<const TiedLmHead*>(&layer) != nullptr) {
+    out.seq = block->shape();
+  } else if (const auto* head = dynamic_cast<const TiedLmHead*>(&layer)) {
     out.kind = DeviceLayerKind::kTiedLmHead;
+    out.seq = head->shape();
   } else {
     return Translation::kNoDeviceLayer;
   }
-  return read_sequence_shape(layer, out.kind, out.seq) ? Translation::kOk
-                                                       : Translation::kShapeUnreadable;
+  return sizes_fit(layer, out.kind, out.seq) ? Translation::kOk : Translation::kShapeMismatch;
 }
 
 // Points every tied head at the embedding whose wte it shares. The CPU head holds a reference to
@@ -166,10 +154,10 @@ DevicePlan make_device_plan(const LayerStack& stack, size_t n_classes, const std
             "conv2d, maxpool2d, flatten and the gpt's embedding, layernorm, block and tied head "
             "layers)",
             stack.label, i + 1, layers.size(), layer.name(), device, device));
-      case Translation::kShapeUnreadable:
+      case Translation::kShapeMismatch:
         throw DeviceError(fmt::format(
-            "model {}: layer {} of {}, '{}': {} cannot read its shape from its name and sizes "
-            "({} -> {} floats, {} parameters)",
+            "model {}: layer {} of {}, '{}': {} cannot run it: its shape does not match its "
+            "sizes ({} -> {} floats, {} parameters)",
             stack.label, i + 1, layers.size(), layer.name(), device, layer.in_size(),
             layer.out_size(), layer.n_params()));
     }

@@ -10,6 +10,7 @@
 #include "kernels/conv2d.h"
 #include "kernels/maxpool.h"
 #include "models/model.h"
+#include "models/transformer_layers.h"
 
 namespace resync::models {
 
@@ -34,13 +35,6 @@ const char* kind_name(DeviceLayerKind kind);
 
 // The shape of a transformer layer: per sample, T positions of width C; V tokens in the
 // vocabulary (embedding, tied head); NH heads (block).
-struct SequenceShape {
-  size_t context = 0;  // T
-  size_t dim = 0;      // C
-  size_t vocab = 0;    // V
-  size_t n_head = 0;   // NH
-};
-
 struct DeviceLayerPlan {
   DeviceLayerKind kind = DeviceLayerKind::kLinear;
   std::string name;    // the CPU layer's name(), e.g. "linear 784->512"

@@ -11,6 +11,15 @@
 
 namespace resync::models {
 
+// The sizes a transformer layer was built with (0 where it has none): what the device plan
+// (models/device_plan.h) builds its twin from.
+struct SequenceShape {
+  size_t context = 0;  // T
+  size_t dim = 0;      // C
+  size_t vocab = 0;    // V
+  size_t n_head = 0;   // NH
+};
+
 // Scratch that the blocks' backward passes share (they run one after another): sized by the
 // first block that reserves it, for the largest batch.
 struct TransformerScratch {
@@ -34,6 +43,7 @@ class TokenPositionEmbedding final : public Layer {
   void forward(const float* x, float* y, size_t batch) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, size_t batch) override;
 
+  SequenceShape shape() const { return {.context = T_, .dim = C_, .vocab = V_}; }
   // The token embedding and its gradient, for the tied output layer.
   const float* wte() const { return params_; }
   float* dwte() const { return grads_; }
@@ -60,6 +70,7 @@ class LayerNormLayer final : public Layer {
   void reserve(size_t max_batch) override;
   void forward(const float* x, float* y, size_t batch) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, size_t batch) override;
+  SequenceShape shape() const { return {.context = T_, .dim = C_}; }
 
  private:
   size_t T_, C_;
@@ -88,6 +99,7 @@ class TransformerBlock final : public Layer {
   void reserve(size_t max_batch) override;
   void forward(const float* x, float* y, size_t batch) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, size_t batch) override;
+  SequenceShape shape() const { return {.context = T_, .dim = C_, .n_head = NH_}; }
 
  private:
   // Pointers into a parameter (or gradient) slice, by the layout above.
@@ -116,6 +128,7 @@ class TiedLmHead final : public Layer {
   size_t out_size() const override { return T_ * V_; }
   void forward(const float* x, float* y, size_t batch) override;
   void backward(const float* x, const float* y, const float* dy, float* dx, size_t batch) override;
+  SequenceShape shape() const { return {.context = T_, .dim = C_, .vocab = V_}; }
 
  private:
   TokenPositionEmbedding& embedding_;
