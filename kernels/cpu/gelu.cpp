@@ -1,14 +1,7 @@
 #include "kernels/gelu.h"
 
+#include "kernels/cpu/simd.h"  // RESYNC_VECTOR_CLONES: the math is the same per element
 #include "kernels/transformer_math.h"
-
-// Wider vector units where the CPU has them (picked once at load time by the dynamic linker);
-// the math is the same per element.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define RESYNC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RESYNC_VECTOR_CLONES
-#endif
 
 namespace resync::kernels {
 
