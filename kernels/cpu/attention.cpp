@@ -101,48 +101,74 @@ RESYNC_ALWAYS_INLINE void weighted_rows_transposed(const float* w, size_t ldw, c
   }
 }
 
-// Rows [0, T) x columns [0, hs) of a strided matrix into a padded buffer (ld columns), times
-// `scale`.
-void gather(const float* src, size_t ld_src, size_t T, size_t hs, float scale, float* dst,
-            size_t ld) {
+// The heads' column blocks [h*hs, h*hs + hs) of rows [0, T) of a strided matrix, times
+// `scale`, into per-head padded buffers (head h at dst + h * stride, rows of ld floats): row by
+// row, so that the reads run along each row of qkv rather than down a column block.
+void gather_heads(const float* src, size_t ld_src, size_t T, size_t NH, size_t hs, float scale,
+                  float* dst, size_t stride, size_t ld) {
   for (size_t t = 0; t < T; ++t) {
-    for (size_t d = 0; d < hs; ++d) dst[t * ld + d] = scale * src[t * ld_src + d];
+    const float* row = src + t * ld_src;
+    for (size_t h = 0; h < NH; ++h) {
+      float* out = dst + h * stride + t * ld;
+      for (size_t d = 0; d < hs; ++d) out[d] = scale * row[h * hs + d];
+    }
   }
 }
 
-// The transpose: dst[d][t] = src[t][d].
-void gather_transposed(const float* src, size_t ld_src, size_t T, size_t hs, float* dst,
-                       size_t ld) {
-  for (size_t d = 0; d < hs; ++d) {
-    for (size_t t = 0; t < T; ++t) dst[d * ld + t] = src[t * ld_src + d];
+// As gather_heads, transposed: head h's buffer holds dst[d * ld + t] = src[t][h * hs + d]. In
+// blocks of 16 rows, so that each write fills one cache line of dst (row by row, every write
+// would touch another line, more than L1 holds for all heads).
+void gather_heads_transposed(const float* src, size_t ld_src, size_t T, size_t NH, size_t hs,
+                             float* dst, size_t stride, size_t ld) {
+  for (size_t t0 = 0; t0 < T; t0 += kLanes) {
+    const size_t t1 = std::min(T, t0 + kLanes);
+    for (size_t h = 0; h < NH; ++h) {
+      for (size_t d = 0; d < hs; ++d) {
+        float* out = dst + h * stride + d * ld;
+        const float* in = src + h * hs + d;
+        for (size_t t = t0; t < t1; ++t) out[t] = in[t * ld_src];
+      }
+    }
   }
 }
 
-void scatter(const float* src, size_t ld, size_t T, size_t hs, float scale, float* dst,
-             size_t ld_dst) {
+// The inverse of gather_heads: per-head buffers back into the column blocks of dst's rows.
+void scatter_heads(const float* src, size_t stride, size_t ld, size_t T, size_t NH, size_t hs,
+                   float scale, float* dst, size_t ld_dst) {
   for (size_t t = 0; t < T; ++t) {
-    for (size_t d = 0; d < hs; ++d) dst[t * ld_dst + d] = scale * src[t * ld + d];
+    float* row = dst + t * ld_dst;
+    for (size_t h = 0; h < NH; ++h) {
+      const float* in = src + h * stride + t * ld;
+      for (size_t d = 0; d < hs; ++d) row[h * hs + d] = scale * in[d];
+    }
   }
 }
 
-// Zero-initialised, padded per-head buffers: padding is never written, so it stays zero.
+// One sequence's padded per-head buffers, zeroed per call: the padding is never written, so it
+// stays zero. They live in a per-thread arena that keeps its pages between calls (freed and
+// re-faulted buffers of this size cost a page fault and a page clear per 4 KiB every step).
 struct Padded {
-  size_t T, Tp, hs, hsp;
-  std::vector<float> q, k, v, o, s, p;  // rows Tp x hsp (q, k, v, o) or Tp x Tp (s, p)
-  std::vector<float> extra1, extra2;    // backward: two more Tp x hsp buffers
-  explicit Padded(const AttentionShape& sh, bool backward)
+  size_t T, Tp, NH, hs, hsp, stride;  // stride: from one head's buffer to the next
+  float *q, *k, *v, *o, *dq, *dk, *dv;  // NH buffers each of Tp x hsp (or hsp x Tp)
+  float *s, *p;                            // Tp x Tp, one head at a time
+  explicit Padded(const AttentionShape& sh)
       : T(sh.seq_len),
         Tp(round_up(sh.seq_len, kLanes)),
+        NH(sh.n_head),
         hs(sh.head_size()),
         hsp(round_up(sh.head_size(), kLanes)),
-        q(Tp * hsp),
-        k(Tp * hsp),
-        v(Tp * hsp),
-        o(Tp * hsp),
-        s(Tp * Tp),
-        p(Tp * Tp),
-        extra1(backward ? Tp * hsp : 0),
-        extra2(backward ? Tp * hsp : 0) {}
+        stride(Tp * hsp) {
+    thread_local std::vector<float> arena;
+    const size_t square = Tp * Tp;
+    arena.assign(7 * NH * stride + 2 * square, 0.0f);
+    float* at = arena.data();
+    for (float** buffer : {&q, &k, &v, &o, &dq, &dk, &dv}) {
+      *buffer = at;
+      at += NH * stride;
+    }
+    s = at;
+    p = at + square;
+  }
 };
 
 // Causal softmax of row t of s (its first t + 1 scores) into row t of p; zeros in p from t + 1
@@ -157,48 +183,49 @@ RESYNC_ALWAYS_INLINE void causal_softmax_row(const float* s, float* p, size_t t,
   for (size_t j = n; j < zero_to; ++j) p[j] = 0.0f;
 }
 
-RESYNC_VECTOR_CLONES void forward_head(const float* qkv, size_t ld, size_t C, float scale,
-                                       float* out, size_t ld_out, float* att, Padded& b) {
+// One head: q (scaled), k^T, v in, o out (padded buffers), att [T x T] out.
+RESYNC_ALWAYS_INLINE void forward_head(const float* q, const float* kt, const float* v, float* o,
+                                       float* att, const Padded& b) {
   const size_t T = b.T, Tp = b.Tp, hs = b.hs, hsp = b.hsp;
-  gather(qkv, ld, T, hs, scale, b.q.data(), hsp);
-  gather_transposed(qkv + C, ld, T, hs, b.k.data(), Tp);  // k holds K^T [hsp x Tp]
-  gather(qkv + 2 * C, ld, T, hs, 1.0f, b.v.data(), hsp);
+  // With T a whole number of row blocks, att's rows serve as the probabilities' buffer (its
+  // 4-row blocks are read where they were written; its zeros above the diagonal are the padding).
+  const bool in_place = T % kRows == 0;
   for (size_t r0 = 0; r0 < T; r0 += kRows) {
     const size_t r1 = r0 + kRows;  // <= Tp
     // Scores of the block's rows against keys [0, r1), rounded up to whole vectors.
-    rows_by_columns(b.q.data(), hsp, b.k.data(), Tp, hs, r0, round_up(r1, kLanes), b.s.data(),
-                    Tp);
+    rows_by_columns(q, hsp, kt, Tp, hs, r0, round_up(r1, kLanes), b.s, Tp);
     for (size_t t = r0; t < std::min(r1, T); ++t) {
-      float* prow = b.p.data() + t * Tp;
-      causal_softmax_row(b.s.data() + t * Tp, prow, t, r1);
-      float* arow = att + t * T;
-      std::memcpy(arow, prow, (t + 1) * sizeof(float));
-      std::fill(arow + t + 1, arow + T, 0.0f);
+      if (in_place) {
+        causal_softmax_row(b.s + t * Tp, att + t * T, t, T);
+      } else {
+        float* prow = b.p + t * Tp;
+        causal_softmax_row(b.s + t * Tp, prow, t, r1);
+        float* arow = att + t * T;
+        std::memcpy(arow, prow, (t + 1) * sizeof(float));
+        std::fill(arow + t + 1, arow + T, 0.0f);
+      }
     }
     // Rows past T, and columns past each row's diagonal, are zeros in p.
-    weighted_rows(b.p.data(), Tp, b.v.data(), hsp, hsp, r0, r1, b.o.data(), hsp);
+    if (in_place) {
+      weighted_rows(att, T, v, hsp, hsp, r0, r1, o, hsp);
+    } else {
+      weighted_rows(b.p, Tp, v, hsp, hsp, r0, r1, o, hsp);
+    }
   }
-  scatter(b.o.data(), hsp, T, hs, 1.0f, out, ld_out);
 }
 
-RESYNC_VECTOR_CLONES void backward_head(const float* dout, size_t ld_dout, const float* qkv,
-                                        size_t ld, size_t C, float scale, const float* att,
-                                        float* dqkv, Padded& b) {
+// One head: q (scaled), k, v^T, dout and att in; dq (unscaled), dk, dv out (padded buffers).
+RESYNC_ALWAYS_INLINE void backward_head(const float* q, const float* k, const float* vt,
+                                        const float* dout, const float* att, float* dq,
+                                        float* dk, float* dv, const Padded& b) {
   const size_t T = b.T, Tp = b.Tp, hs = b.hs, hsp = b.hsp;
-  float* dout_p = b.o.data();
-  float* vt = b.v.data();     // V^T [hsp x Tp]
-  float* ds = b.s.data();     // dp, then d scores (zeros above the diagonal)
-  float* grad = b.extra1.data();
-  gather(qkv, ld, T, hs, scale, b.q.data(), hsp);  // scaled: dk = ds^T (scale q)
-  gather(qkv + C, ld, T, hs, 1.0f, b.k.data(), hsp);
-  gather_transposed(qkv + 2 * C, ld, T, hs, vt, Tp);
-  gather(dout, ld_dout, T, hs, 1.0f, dout_p, hsp);
-  for (size_t t = 0; t < T; ++t) std::memcpy(b.p.data() + t * Tp, att + t * T, T * sizeof(float));
-  const float* p = b.p.data();
+  float* ds = b.s;  // dp, then d scores (zeros above the diagonal)
+  for (size_t t = 0; t < T; ++t) std::memcpy(b.p + t * Tp, att + t * T, T * sizeof(float));
+  const float* p = b.p;
   for (size_t r0 = 0; r0 < T; r0 += kRows) {
     const size_t r1 = r0 + kRows;
     // dp = dout v^T, then the softmax backward in place: ds = p * (dp - sum_j p dp).
-    rows_by_columns(dout_p, hsp, vt, Tp, hs, r0, round_up(r1, kLanes), ds, Tp);
+    rows_by_columns(dout, hsp, vt, Tp, hs, r0, round_up(r1, kLanes), ds, Tp);
     for (size_t t = r0; t < std::min(r1, T); ++t) {
       const float* prow = p + t * Tp;
       float* row = ds + t * Tp;
@@ -206,18 +233,49 @@ RESYNC_VECTOR_CLONES void backward_head(const float* dout, size_t ld_dout, const
       for (size_t j = 0; j <= t; ++j) row[j] = prow[j] * (row[j] - dot);
       for (size_t j = t + 1; j < r1; ++j) row[j] = 0.0f;
     }
-    // dq = scale * ds k.
-    weighted_rows(ds, Tp, b.k.data(), hsp, hsp, r0, r1, grad, hsp);
+    // dq = ds k (scaled when scattered).
+    weighted_rows(ds, Tp, k, hsp, hsp, r0, r1, dq, hsp);
   }
-  scatter(grad, hsp, T, hs, scale, dqkv, ld);
   // Key and value rows j gather from the query rows t >= j: dk = ds^T (scale q), dv = p^T dout.
-  float* grad2 = b.extra2.data();
   for (size_t j0 = 0; j0 < T; j0 += kRows) {
-    weighted_rows_transposed(ds, Tp, b.q.data(), hsp, hsp, j0, T, grad, hsp);
-    weighted_rows_transposed(p, Tp, dout_p, hsp, hsp, j0, T, grad2, hsp);
+    weighted_rows_transposed(ds, Tp, q, hsp, hsp, j0, T, dk, hsp);
+    weighted_rows_transposed(p, Tp, dout, hsp, hsp, j0, T, dv, hsp);
   }
-  scatter(grad, hsp, T, hs, 1.0f, dqkv + C, ld);
-  scatter(grad2, hsp, T, hs, 1.0f, dqkv + 2 * C, ld);
+}
+
+// One sequence (qkv [T x 3C], out [T x C], att [NH x T x T]).
+RESYNC_VECTOR_CLONES void forward_sequence(const float* qkv, size_t C, float scale, float* out,
+                                           float* att, Padded& b) {
+  const size_t T = b.T, Tp = b.Tp, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
+  gather_heads(qkv, 3 * C, T, NH, hs, scale, b.q, stride, hsp);
+  gather_heads_transposed(qkv + C, 3 * C, T, NH, hs, b.k, stride, Tp);  // K^T [hsp x Tp]
+  gather_heads(qkv + 2 * C, 3 * C, T, NH, hs, 1.0f, b.v, stride, hsp);
+  for (size_t h = 0; h < NH; ++h) {
+    forward_head(b.q + h * stride, b.k + h * stride, b.v + h * stride, b.o + h * stride,
+                 att + h * T * T, b);
+  }
+  scatter_heads(b.o, stride, hsp, T, NH, hs, 1.0f, out, C);
+}
+
+// One sequence (dout [T x C], qkv and dqkv [T x 3C], att [NH x T x T]).
+RESYNC_VECTOR_CLONES void backward_sequence(const float* dout, const float* qkv, size_t C,
+                                            float scale, const float* att, float* dqkv,
+                                            Padded& b) {
+  const size_t T = b.T, Tp = b.Tp, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
+  float* dout_p = b.o;
+  float* vt = b.v;  // V^T [hsp x Tp]
+  gather_heads(qkv, 3 * C, T, NH, hs, scale, b.q, stride, hsp);  // scaled: dk = ds^T (scale q)
+  gather_heads(qkv + C, 3 * C, T, NH, hs, 1.0f, b.k, stride, hsp);
+  gather_heads_transposed(qkv + 2 * C, 3 * C, T, NH, hs, vt, stride, Tp);
+  gather_heads(dout, C, T, NH, hs, 1.0f, dout_p, stride, hsp);
+  for (size_t h = 0; h < NH; ++h) {
+    const size_t at = h * stride;
+    backward_head(b.q + at, b.k + at, vt + at, dout_p + at, att + h * T * T, b.dq + at,
+                  b.dk + at, b.dv + at, b);
+  }
+  scatter_heads(b.dq, stride, hsp, T, NH, hs, scale, dqkv, 3 * C);
+  scatter_heads(b.dk, stride, hsp, T, NH, hs, 1.0f, dqkv + C, 3 * C);
+  scatter_heads(b.dv, stride, hsp, T, NH, hs, 1.0f, dqkv + 2 * C, 3 * C);
 }
 
 }  // namespace
@@ -226,14 +284,11 @@ void attention_forward(const float* qkv, float* out, float* att, const Attention
   check_shape(s);
   const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
   if (s.batch == 0 || T == 0) return;
-  const size_t ld = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  Padded buffers(s, false);
+  Padded buffers(s);
   for (size_t b = 0; b < s.batch; ++b) {
-    for (size_t h = 0; h < NH; ++h) {
-      forward_head(qkv + b * T * ld + h * hs, ld, C, scale, out + b * T * C + h * hs, C,
-                   att + (b * NH + h) * T * T, buffers);
-    }
+    forward_sequence(qkv + b * T * 3 * C, C, scale, out + b * T * C, att + b * NH * T * T,
+                     buffers);
   }
 }
 
@@ -242,15 +297,11 @@ void attention_backward(const float* dout, const float* qkv, const float* att, f
   check_shape(s);
   const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
   if (s.batch == 0 || T == 0) return;
-  const size_t ld = 3 * C;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  Padded buffers(s, true);
+  Padded buffers(s);
   for (size_t b = 0; b < s.batch; ++b) {
-    for (size_t h = 0; h < NH; ++h) {
-      const size_t at = b * T * ld + h * hs;
-      backward_head(dout + b * T * C + h * hs, C, qkv + at, ld, C, scale,
-                    att + (b * NH + h) * T * T, dqkv + at, buffers);
-    }
+    backward_sequence(dout + b * T * C, qkv + b * T * 3 * C, C, scale, att + b * NH * T * T,
+                      dqkv + b * T * 3 * C, buffers);
   }
 }
 

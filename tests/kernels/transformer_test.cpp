@@ -98,10 +98,10 @@ TEST(Embedding, SumsTokenAndPositionRowsAndChecksTokens) {
 }
 
 TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
-  // The CPU kernel pads positions and the head size to 16-float vectors: T = 70 and 37 end
-  // mid-vector; head sizes 4 and 4 are padded, 32 is two whole vectors.
+  // The CPU kernel works on 16-float vectors and blocks of 4 rows: head sizes 4 (padded) and 32
+  // (two whole vectors), T = 70 and 37 (ending mid-vector and mid-block) and 36.
   for (const AttentionShape s : {AttentionShape{2, 7, 12, 3}, AttentionShape{1, 70, 8, 2},
-                                 AttentionShape{2, 37, 64, 2}}) {
+                                 AttentionShape{2, 37, 64, 2}, AttentionShape{2, 36, 64, 2}}) {
     const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
     auto qkv = random_floats(s.batch * T * 3 * C, 8, -2.0f, 2.0f);
     std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
