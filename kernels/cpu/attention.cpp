@@ -148,18 +148,22 @@ void scatter_heads(const float* src, size_t stride, size_t ld, size_t T, size_t 
 // stays zero. They live in a per-thread arena that keeps its pages between calls (freed and
 // re-faulted buffers of this size cost a page fault and a page clear per 4 KiB every step).
 struct Padded {
-  size_t T, Tp, NH, hs, hsp, stride;  // stride: from one head's buffer to the next
-  float *q, *k, *v, *o, *dq, *dk, *dv;  // NH buffers each of Tp x hsp (or hsp x Tp)
-  float *s, *p;                            // Tp x Tp, one head at a time
+  // ldt: the row stride of the position-wide buffers (K^T, V^T, scores, probabilities), one
+  // vector more than Tp: an odd number of cache lines, so that walking down a column of them
+  // touches every L1 set (a stride of a power of two, 512 bytes for T = 128, uses one in eight).
+  size_t T, Tp, NH, hs, hsp, ldt, stride;  // stride: from one head's buffer to the next
+  float *q, *k, *v, *o, *dq, *dk, *dv;     // NH buffers each of Tp x hsp (or hsp x ldt)
+  float *s, *p;                            // Tp x ldt, one head at a time
   explicit Padded(const AttentionShape& sh)
       : T(sh.seq_len),
         Tp(round_up(sh.seq_len, kLanes)),
         NH(sh.n_head),
         hs(sh.head_size()),
         hsp(round_up(sh.head_size(), kLanes)),
-        stride(Tp * hsp) {
+        ldt(Tp + kLanes),
+        stride(hsp * ldt) {
     thread_local std::vector<float> arena;
-    const size_t square = Tp * Tp;
+    const size_t square = Tp * ldt;
     arena.assign(7 * NH * stride + 2 * square, 0.0f);
     float* at = arena.data();
     for (float** buffer : {&q, &k, &v, &o, &dq, &dk, &dv}) {
@@ -186,20 +190,20 @@ RESYNC_ALWAYS_INLINE void causal_softmax_row(const float* s, float* p, size_t t,
 // One head: q (scaled), k^T, v in, o out (padded buffers), att [T x T] out.
 RESYNC_ALWAYS_INLINE void forward_head(const float* q, const float* kt, const float* v, float* o,
                                        float* att, const Padded& b) {
-  const size_t T = b.T, Tp = b.Tp, hs = b.hs, hsp = b.hsp;
+  const size_t T = b.T, ldt = b.ldt, hs = b.hs, hsp = b.hsp;
   // With T a whole number of row blocks, att's rows serve as the probabilities' buffer (its
   // 4-row blocks are read where they were written; its zeros above the diagonal are the padding).
   const bool in_place = T % kRows == 0;
   for (size_t r0 = 0; r0 < T; r0 += kRows) {
     const size_t r1 = r0 + kRows;  // <= Tp
     // Scores of the block's rows against keys [0, r1), rounded up to whole vectors.
-    rows_by_columns(q, hsp, kt, Tp, hs, r0, round_up(r1, kLanes), b.s, Tp);
+    rows_by_columns(q, hsp, kt, ldt, hs, r0, round_up(r1, kLanes), b.s, ldt);
     for (size_t t = r0; t < std::min(r1, T); ++t) {
       if (in_place) {
-        causal_softmax_row(b.s + t * Tp, att + t * T, t, T);
+        causal_softmax_row(b.s + t * ldt, att + t * T, t, T);
       } else {
-        float* prow = b.p + t * Tp;
-        causal_softmax_row(b.s + t * Tp, prow, t, r1);
+        float* prow = b.p + t * ldt;
+        causal_softmax_row(b.s + t * ldt, prow, t, r1);
         float* arow = att + t * T;
         std::memcpy(arow, prow, (t + 1) * sizeof(float));
         std::fill(arow + t + 1, arow + T, 0.0f);
@@ -209,7 +213,7 @@ RESYNC_ALWAYS_INLINE void forward_head(const float* q, const float* kt, const fl
     if (in_place) {
       weighted_rows(att, T, v, hsp, hsp, r0, r1, o, hsp);
     } else {
-      weighted_rows(b.p, Tp, v, hsp, hsp, r0, r1, o, hsp);
+      weighted_rows(b.p, ldt, v, hsp, hsp, r0, r1, o, hsp);
     }
   }
 }
@@ -218,38 +222,45 @@ RESYNC_ALWAYS_INLINE void forward_head(const float* q, const float* kt, const fl
 RESYNC_ALWAYS_INLINE void backward_head(const float* q, const float* k, const float* vt,
                                         const float* dout, const float* att, float* dq,
                                         float* dk, float* dv, const Padded& b) {
-  const size_t T = b.T, Tp = b.Tp, hs = b.hs, hsp = b.hsp;
+  const size_t T = b.T, ldt = b.ldt, hs = b.hs, hsp = b.hsp;
   float* ds = b.s;  // dp, then d scores (zeros above the diagonal)
-  for (size_t t = 0; t < T; ++t) std::memcpy(b.p + t * Tp, att + t * T, T * sizeof(float));
+  // att's rows (a power-of-two stride for T = 128) copied to the ldt stride.
+  for (size_t t = 0; t < T; ++t) std::memcpy(b.p + t * ldt, att + t * T, T * sizeof(float));
   const float* p = b.p;
   for (size_t r0 = 0; r0 < T; r0 += kRows) {
     const size_t r1 = r0 + kRows;
     // dp = dout v^T, then the softmax backward in place: ds = p * (dp - sum_j p dp).
-    rows_by_columns(dout, hsp, vt, Tp, hs, r0, round_up(r1, kLanes), ds, Tp);
+    rows_by_columns(dout, hsp, vt, ldt, hs, r0, round_up(r1, kLanes), ds, ldt);
     for (size_t t = r0; t < std::min(r1, T); ++t) {
-      const float* prow = p + t * Tp;
-      float* row = ds + t * Tp;
+      const float* prow = p + t * ldt;
+      float* row = ds + t * ldt;
       const float dot = simd::dot(prow, row, t + 1);
       for (size_t j = 0; j <= t; ++j) row[j] = prow[j] * (row[j] - dot);
       for (size_t j = t + 1; j < r1; ++j) row[j] = 0.0f;
     }
     // dq = ds k (scaled when scattered).
-    weighted_rows(ds, Tp, k, hsp, hsp, r0, r1, dq, hsp);
+    weighted_rows(ds, ldt, k, hsp, hsp, r0, r1, dq, hsp);
   }
   // Key and value rows j gather from the query rows t >= j: dk = ds^T (scale q), dv = p^T dout.
   for (size_t j0 = 0; j0 < T; j0 += kRows) {
-    weighted_rows_transposed(ds, Tp, q, hsp, hsp, j0, T, dk, hsp);
-    weighted_rows_transposed(p, Tp, dout, hsp, hsp, j0, T, dv, hsp);
+    weighted_rows_transposed(ds, ldt, q, hsp, hsp, j0, T, dk, hsp);
+    weighted_rows_transposed(p, ldt, dout, hsp, hsp, j0, T, dv, hsp);
   }
 }
 
 // One sequence (qkv [T x 3C], out [T x C], att [NH x T x T]).
 RESYNC_VECTOR_CLONES void forward_sequence(const float* qkv, size_t C, float scale, float* out,
                                            float* att, Padded& b) {
-  const size_t T = b.T, Tp = b.Tp, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
-  gather_heads(qkv, 3 * C, T, NH, hs, scale, b.q, stride, hsp);
-  gather_heads_transposed(qkv + C, 3 * C, T, NH, hs, b.k, stride, Tp);  // K^T [hsp x Tp]
-  gather_heads(qkv + 2 * C, 3 * C, T, NH, hs, 1.0f, b.v, stride, hsp);
+  const size_t T = b.T, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
+  // In blocks of 16 rows, so that the sequence's qkv is read front to back once (q, k and v of
+  // a block are in L1 after the first of them).
+  for (size_t t0 = 0; t0 < T; t0 += kLanes) {
+    const size_t n = std::min(kLanes, T - t0);
+    const float* rows = qkv + t0 * 3 * C;
+    gather_heads(rows, 3 * C, n, NH, hs, scale, b.q + t0 * hsp, stride, hsp);
+    gather_heads_transposed(rows + C, 3 * C, n, NH, hs, b.k + t0, stride, b.ldt);  // K^T
+    gather_heads(rows + 2 * C, 3 * C, n, NH, hs, 1.0f, b.v + t0 * hsp, stride, hsp);
+  }
   for (size_t h = 0; h < NH; ++h) {
     forward_head(b.q + h * stride, b.k + h * stride, b.v + h * stride, b.o + h * stride,
                  att + h * T * T, b);
@@ -261,21 +272,31 @@ RESYNC_VECTOR_CLONES void forward_sequence(const float* qkv, size_t C, float sca
 RESYNC_VECTOR_CLONES void backward_sequence(const float* dout, const float* qkv, size_t C,
                                             float scale, const float* att, float* dqkv,
                                             Padded& b) {
-  const size_t T = b.T, Tp = b.Tp, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
+  const size_t T = b.T, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
   float* dout_p = b.o;
-  float* vt = b.v;  // V^T [hsp x Tp]
-  gather_heads(qkv, 3 * C, T, NH, hs, scale, b.q, stride, hsp);  // scaled: dk = ds^T (scale q)
-  gather_heads(qkv + C, 3 * C, T, NH, hs, 1.0f, b.k, stride, hsp);
-  gather_heads_transposed(qkv + 2 * C, 3 * C, T, NH, hs, vt, stride, Tp);
+  float* vt = b.v;  // V^T [hsp x ldt]
+  // Blocks of 16 rows, as in forward_sequence. q is scaled: dk = ds^T (scale q).
+  for (size_t t0 = 0; t0 < T; t0 += kLanes) {
+    const size_t n = std::min(kLanes, T - t0);
+    const float* rows = qkv + t0 * 3 * C;
+    gather_heads(rows, 3 * C, n, NH, hs, scale, b.q + t0 * hsp, stride, hsp);
+    gather_heads(rows + C, 3 * C, n, NH, hs, 1.0f, b.k + t0 * hsp, stride, hsp);
+    gather_heads_transposed(rows + 2 * C, 3 * C, n, NH, hs, vt + t0, stride, b.ldt);
+  }
   gather_heads(dout, C, T, NH, hs, 1.0f, dout_p, stride, hsp);
   for (size_t h = 0; h < NH; ++h) {
     const size_t at = h * stride;
     backward_head(b.q + at, b.k + at, vt + at, dout_p + at, att + h * T * T, b.dq + at,
                   b.dk + at, b.dv + at, b);
   }
-  scatter_heads(b.dq, stride, hsp, T, NH, hs, scale, dqkv, 3 * C);
-  scatter_heads(b.dk, stride, hsp, T, NH, hs, 1.0f, dqkv + C, 3 * C);
-  scatter_heads(b.dv, stride, hsp, T, NH, hs, 1.0f, dqkv + 2 * C, 3 * C);
+  // Written front to back in blocks of 16 rows.
+  for (size_t t0 = 0; t0 < T; t0 += kLanes) {
+    const size_t n = std::min(kLanes, T - t0), at = t0 * hsp;
+    float* rows = dqkv + t0 * 3 * C;
+    scatter_heads(b.dq + at, stride, hsp, n, NH, hs, scale, rows, 3 * C);
+    scatter_heads(b.dk + at, stride, hsp, n, NH, hs, 1.0f, rows + C, 3 * C);
+    scatter_heads(b.dv + at, stride, hsp, n, NH, hs, 1.0f, rows + 2 * C, 3 * C);
+  }
 }
 
 }  // namespace
