@@ -8,6 +8,7 @@
 
 #include "base/error.h"
 #include "kernels/attention.h"
+#include "kernels/bias.h"
 #include "kernels/embedding.h"
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
@@ -47,6 +48,23 @@ TEST(Gelu, MatchesTheTanhFormulaInDouble) {
     ASSERT_NEAR(y[i], ref, 2e-6 * (1 + std::fabs(ref))) << "x " << v;
     ASSERT_NEAR(dx[i], dref, 2e-6 * (1 + std::fabs(dref))) << "x " << v;
   }
+}
+
+TEST(Gelu, BackwardWithBiasMatchesBackwardThenBiasGrad) {
+  // cols 37: rows are not whole vectors. The fused pass splits the work into vectors
+  // differently from the flat one, so the last bit may differ (contracted multiply-adds).
+  const size_t rows = 9, cols = 37;
+  const auto x = random_floats(rows * cols, 2, -4.0f, 4.0f);
+  const auto dy = random_floats(rows * cols, 3);
+  std::vector<float> dx(x.size()), db(cols, 5.0f), ref_dx(x.size()), ref_db(cols);
+  gelu_backward_bias(x.data(), dy.data(), dx.data(), db.data(), rows, cols);
+  gelu_backward(x.data(), dy.data(), ref_dx.data(), x.size());
+  bias_grad(ref_dx.data(), ref_db.data(), rows, cols);
+  for (size_t i = 0; i < dx.size(); ++i) ASSERT_NEAR(dx[i], ref_dx[i], 1e-6) << i;
+  for (size_t c = 0; c < cols; ++c) ASSERT_NEAR(db[c], ref_db[c], 1e-5) << c;
+  std::vector<float> in_place = dy;  // dx may alias dy
+  gelu_backward_bias(x.data(), in_place.data(), in_place.data(), db.data(), rows, cols);
+  for (size_t i = 0; i < dx.size(); ++i) ASSERT_NEAR(in_place[i], ref_dx[i], 1e-6) << i;
 }
 
 TEST(LayerNorm, ForwardMatchesDoubleReference) {
