@@ -144,9 +144,17 @@ void scatter_heads(const float* src, size_t stride, size_t ld, size_t T, size_t 
   }
 }
 
-// One sequence's padded per-head buffers, zeroed per call: the padding is never written, so it
-// stays zero. They live in a per-thread arena that keeps its pages between calls (freed and
-// re-faulted buffers of this size cost a page fault and a page clear per 4 KiB every step).
+// Per-thread storage of one direction's buffers, kept between calls (freed and re-faulted
+// buffers of this size cost a page fault and a page clear per 4 KiB every step), zeroed when
+// the shape changes.
+struct Arena {
+  std::vector<float> data;
+  size_t T = 0, NH = 0, hs = 0;
+};
+
+// One sequence's padded per-head buffers. Their padding is zero: inputs are only ever written
+// inside [T x hs] (or [hs x T]), and outputs are never read as inputs in the same direction, so
+// the zeros from the arena's (re)sizing last.
 struct Padded {
   // ldt: the row stride of the position-wide buffers (K^T, V^T, scores, probabilities), one
   // vector more than Tp: an odd number of cache lines, so that walking down a column of them
@@ -154,7 +162,7 @@ struct Padded {
   size_t T, Tp, NH, hs, hsp, ldt, stride;  // stride: from one head's buffer to the next
   float *q, *k, *v, *o, *dq, *dk, *dv;     // NH buffers each of Tp x hsp (or hsp x ldt)
   float *s, *p;                            // Tp x ldt, one head at a time
-  explicit Padded(const AttentionShape& sh)
+  Padded(const AttentionShape& sh, Arena& arena)
       : T(sh.seq_len),
         Tp(round_up(sh.seq_len, kLanes)),
         NH(sh.n_head),
@@ -162,10 +170,14 @@ struct Padded {
         hsp(round_up(sh.head_size(), kLanes)),
         ldt(Tp + kLanes),
         stride(hsp * ldt) {
-    thread_local std::vector<float> arena;
     const size_t square = Tp * ldt;
-    arena.assign(7 * NH * stride + 2 * square, 0.0f);
-    float* at = arena.data();
+    if (arena.T != T || arena.NH != NH || arena.hs != hs) {
+      arena.data.assign(7 * NH * stride + 2 * square, 0.0f);
+      arena.T = T;
+      arena.NH = NH;
+      arena.hs = hs;
+    }
+    float* at = arena.data.data();
     for (float** buffer : {&q, &k, &v, &o, &dq, &dk, &dv}) {
       *buffer = at;
       at += NH * stride;
@@ -224,15 +236,21 @@ RESYNC_ALWAYS_INLINE void backward_head(const float* q, const float* k, const fl
                                         float* dk, float* dv, const Padded& b) {
   const size_t T = b.T, ldt = b.ldt, hs = b.hs, hsp = b.hsp;
   float* ds = b.s;  // dp, then d scores (zeros above the diagonal)
-  // att's rows (a power-of-two stride for T = 128) copied to the ldt stride.
-  for (size_t t = 0; t < T; ++t) std::memcpy(b.p + t * ldt, att + t * T, T * sizeof(float));
-  const float* p = b.p;
+  // The probabilities: att itself when T is a whole number of row blocks (the blocks of
+  // weighted_rows_transposed then stay inside its rows), else a copy padded with zeros.
+  const float* p = att;
+  size_t ldp = T;
+  if (T % kRows != 0) {
+    for (size_t t = 0; t < T; ++t) std::memcpy(b.p + t * ldt, att + t * T, T * sizeof(float));
+    p = b.p;
+    ldp = ldt;
+  }
   for (size_t r0 = 0; r0 < T; r0 += kRows) {
     const size_t r1 = r0 + kRows;
     // dp = dout v^T, then the softmax backward in place: ds = p * (dp - sum_j p dp).
     rows_by_columns(dout, hsp, vt, ldt, hs, r0, round_up(r1, kLanes), ds, ldt);
     for (size_t t = r0; t < std::min(r1, T); ++t) {
-      const float* prow = p + t * ldt;
+      const float* prow = p + t * ldp;
       float* row = ds + t * ldt;
       const float dot = simd::dot(prow, row, t + 1);
       for (size_t j = 0; j <= t; ++j) row[j] = prow[j] * (row[j] - dot);
@@ -244,7 +262,7 @@ RESYNC_ALWAYS_INLINE void backward_head(const float* q, const float* k, const fl
   // Key and value rows j gather from the query rows t >= j: dk = ds^T (scale q), dv = p^T dout.
   for (size_t j0 = 0; j0 < T; j0 += kRows) {
     weighted_rows_transposed(ds, ldt, q, hsp, hsp, j0, T, dk, hsp);
-    weighted_rows_transposed(p, ldt, dout, hsp, hsp, j0, T, dv, hsp);
+    weighted_rows_transposed(p, ldp, dout, hsp, hsp, j0, T, dv, hsp);
   }
 }
 
@@ -306,7 +324,8 @@ void attention_forward(const float* qkv, float* out, float* att, const Attention
   const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
   if (s.batch == 0 || T == 0) return;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  Padded buffers(s);
+  thread_local Arena arena;
+  Padded buffers(s, arena);
   for (size_t b = 0; b < s.batch; ++b) {
     forward_sequence(qkv + b * T * 3 * C, C, scale, out + b * T * C, att + b * NH * T * T,
                      buffers);
@@ -319,7 +338,8 @@ void attention_backward(const float* dout, const float* qkv, const float* att, f
   const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
   if (s.batch == 0 || T == 0) return;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  Padded buffers(s);
+  thread_local Arena arena;  // not the forward's: the buffers' roles (and padding) differ
+  Padded buffers(s, arena);
   for (size_t b = 0; b < s.batch; ++b) {
     backward_sequence(dout + b * T * C, qkv + b * T * 3 * C, C, scale, att + b * NH * T * T,
                       dqkv + b * T * 3 * C, buffers);
