@@ -11,12 +11,12 @@
 #include "kernels/cpu/simd.h"
 #include "kernels/transformer_math.h"
 
-// One head of one sequence at a time, in cache-sized buffers: the head's query, key and value
-// rows are copied out of qkv into contiguous buffers padded with zeros (positions to a multiple
-// of 16, the head size to a multiple of 16), and every product runs as a register-blocked loop
-// over 16-float vectors: 4 query (or key) rows at a time, only on and below the diagonal. Per-head
-// GEMM calls through the BLAS cost more in packing and call overhead than they compute at these
-// sizes (T x T x head size, head size 32 in the default gpt).
+// One sequence at a time, in cache-sized buffers: its heads' query, key and value rows are copied
+// out of qkv (front to back) into contiguous per-head buffers padded with zeros (positions to a
+// multiple of 16, the head size to a multiple of 16); then, head by head, every product runs as
+// a register-blocked loop over 16-float vectors, 4 query (or key) rows at a time, only on and
+// below the diagonal. Per-head GEMM calls through the BLAS cost more in packing and call
+// overhead than they compute at these sizes (T x T x head size, head size 32 in the default gpt).
 
 namespace resync::kernels {
 namespace {
@@ -189,8 +189,7 @@ struct Padded {
 
 // Causal softmax of row t of s (its first t + 1 scores) into row t of p; zeros in p from t + 1
 // to `zero_to`.
-RESYNC_ALWAYS_INLINE void causal_softmax_row(const float* s, float* p, size_t t,
-                                             size_t zero_to) {
+RESYNC_ALWAYS_INLINE void causal_softmax_row(const float* s, float* p, size_t t, size_t zero_to) {
   const size_t n = t + 1;
   const float row_max = simd::max(s, n);
   for (size_t j = 0; j < n; ++j) p[j] = exp_nonpositive(s[j] - row_max);
@@ -232,8 +231,8 @@ RESYNC_ALWAYS_INLINE void forward_head(const float* q, const float* kt, const fl
 
 // One head: q (scaled), k, v^T, dout and att in; dq (unscaled), dk, dv out (padded buffers).
 RESYNC_ALWAYS_INLINE void backward_head(const float* q, const float* k, const float* vt,
-                                        const float* dout, const float* att, float* dq,
-                                        float* dk, float* dv, const Padded& b) {
+                                        const float* dout, const float* att, float* dq, float* dk,
+                                        float* dv, const Padded& b) {
   const size_t T = b.T, ldt = b.ldt, hs = b.hs, hsp = b.hsp;
   float* ds = b.s;  // dp, then d scores (zeros above the diagonal)
   // The probabilities: att itself when T is a whole number of row blocks (the blocks of
@@ -288,8 +287,7 @@ RESYNC_VECTOR_CLONES void forward_sequence(const float* qkv, size_t C, float sca
 
 // One sequence (dout [T x C], qkv and dqkv [T x 3C], att [NH x T x T]).
 RESYNC_VECTOR_CLONES void backward_sequence(const float* dout, const float* qkv, size_t C,
-                                            float scale, const float* att, float* dqkv,
-                                            Padded& b) {
+                                            float scale, const float* att, float* dqkv, Padded& b) {
   const size_t T = b.T, NH = b.NH, hs = b.hs, hsp = b.hsp, stride = b.stride;
   float* dout_p = b.o;
   float* vt = b.v;  // V^T [hsp x ldt]
@@ -304,8 +302,8 @@ RESYNC_VECTOR_CLONES void backward_sequence(const float* dout, const float* qkv,
   gather_heads(dout, C, T, NH, hs, 1.0f, dout_p, stride, hsp);
   for (size_t h = 0; h < NH; ++h) {
     const size_t at = h * stride;
-    backward_head(b.q + at, b.k + at, vt + at, dout_p + at, att + h * T * T, b.dq + at,
-                  b.dk + at, b.dv + at, b);
+    backward_head(b.q + at, b.k + at, vt + at, dout_p + at, att + h * T * T, b.dq + at, b.dk + at,
+                  b.dv + at, b);
   }
   // Written front to back in blocks of 16 rows.
   for (size_t t0 = 0; t0 < T; t0 += kLanes) {
@@ -327,8 +325,7 @@ void attention_forward(const float* qkv, float* out, float* att, const Attention
   thread_local Arena arena;
   Padded buffers(s, arena);
   for (size_t b = 0; b < s.batch; ++b) {
-    forward_sequence(qkv + b * T * 3 * C, C, scale, out + b * T * C, att + b * NH * T * T,
-                     buffers);
+    forward_sequence(qkv + b * T * 3 * C, C, scale, out + b * T * C, att + b * NH * T * T, buffers);
   }
 }
 

@@ -47,8 +47,9 @@ void check_shape(const float* logits, const int32_t* labels, size_t batch, size_
 
 }  // namespace
 
-RESYNC_VECTOR_CLONES float softmax_xent_forward_backward(const float* logits, const int32_t* labels, float* dlogits,
-                                    size_t batch, size_t n_classes, size_t* n_correct) {
+RESYNC_VECTOR_CLONES float softmax_xent_forward_backward(const float* logits, const int32_t* labels,
+                                                         float* dlogits, size_t batch,
+                                                         size_t n_classes, size_t* n_correct) {
   check_shape(logits, labels, batch, n_classes);
   RESYNC_CHECK_ARG(batch > 0, "softmax_xent: the mean loss of an empty batch is undefined");
   RESYNC_CHECK_ARG(dlogits != nullptr, "softmax_xent: dlogits is null");
