@@ -1,5 +1,5 @@
-// Causal multi-head self-attention on a batch of sequences, forward and backward, with the
-// GEMMs through kernels/gemm.h and a max-subtracted softmax.
+// Causal multi-head self-attention on a batch of sequences, forward and backward, with a
+// max-subtracted softmax (CPU: per-head vector loops, kernels/cpu/attention.cpp; CUDA: cuBLAS).
 //
 // qkv [B x T x 3C] holds, per position, the query, key and value vectors (C each, head h at
 // columns h*hs .. h*hs+hs-1 of each, hs = C / NH). Position t attends to positions 0..t.
@@ -21,7 +21,7 @@ struct AttentionShape {
 void attention_forward(const float* qkv, float* out, float* att, const AttentionShape& s);
 
 // Given dout [B x T x C] and the forward's qkv and att: OVERWRITES dqkv [B x T x 3C].
-// scratch: T x T floats.
+// scratch: T x T floats (the CPU kernel keeps its own per-thread buffers and ignores it).
 void attention_backward(const float* dout, const float* qkv, const float* att, float* dqkv,
                         float* scratch, const AttentionShape& s);
 

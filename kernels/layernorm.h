@@ -18,4 +18,11 @@ void layernorm_backward(const float* dy, const float* x, const float* weight, co
                         const float* rstd, float* dx, float* dweight, float* dbias, size_t rows,
                         size_t cols);
 
+// As layernorm_backward, but WRITES dx = dres + the input gradient (dres may be dx itself, or
+// null for the input gradient alone): a transformer block's residual gradient passes through
+// without a copy. Still adds to dweight and dbias.
+void layernorm_backward_into(const float* dy, const float* x, const float* weight,
+                             const float* mean, const float* rstd, const float* dres, float* dx,
+                             float* dweight, float* dbias, size_t rows, size_t cols);
+
 }  // namespace resync::kernels

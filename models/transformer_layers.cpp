@@ -35,18 +35,28 @@ void fill(float* p, size_t n, float value) {
   for (size_t i = 0; i < n; ++i) p[i] = value;
 }
 
-// y [rows x out] = x [rows x in] W^T + b, W [out x in] (nn.Linear).
+// y [rows x out] = x [rows x in] W^T + b (+ residual [rows x out] unless null), W [out x in]
+// (nn.Linear). The bias (and residual) are written first and the GEMM adds to them (beta = 1):
+// one pass over y instead of the BLAS zeroing it, then a bias pass, then a residual pass.
 void linear_forward(const float* x, const float* w, const float* b, float* y, size_t rows,
-                    size_t in, size_t out) {
-  kernels::gemm(Transpose::kNo, Transpose::kYes, rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
-  kernels::bias_add(y, b, rows, out);
+                    size_t in, size_t out, const float* residual = nullptr) {
+  for (size_t r = 0; r < rows; ++r) {
+    float* yr = y + r * out;
+    if (residual != nullptr) {
+      kernels::residual_forward(residual + r * out, b, yr, out);
+    } else {
+      std::memcpy(yr, b, out * sizeof(float));
+    }
+  }
+  kernels::gemm(Transpose::kNo, Transpose::kYes, rows, out, in, 1.0f, x, in, w, in, 1.0f, y, out);
 }
 
-// dW = dy^T x and db = column sums of dy (both overwritten); dx = dy W unless null.
+// dW = dy^T x and db = column sums of dy (both overwritten; db null: computed elsewhere);
+// dx = dy W unless null.
 void linear_backward(const float* x, const float* w, const float* dy, float* dw, float* db,
                      float* dx, size_t rows, size_t in, size_t out) {
   kernels::gemm(Transpose::kYes, Transpose::kNo, out, in, rows, 1.0f, dy, out, x, in, 0.0f, dw, in);
-  kernels::bias_grad(dy, db, rows, out);
+  if (db != nullptr) kernels::bias_grad(dy, db, rows, out);
   if (dx != nullptr) {
     kernels::gemm(Transpose::kNo, Transpose::kNo, rows, in, out, 1.0f, dy, out, w, in, 0.0f, dx,
                   in);
@@ -126,11 +136,10 @@ void LayerNormLayer::backward(const float* x, const float* /*y*/, const float* d
                               size_t batch) {
   const size_t rows = batch * T_;
   std::memset(grads_, 0, 2 * C_ * sizeof(float));
-  // The kernel adds to dx; as a model's first layer (no dx wanted) it writes into scratch.
+  // As a model's first layer (no dx wanted) the input gradient goes to scratch.
   if (dx == nullptr) dx = dx_scratch_.data();
-  std::memset(dx, 0, rows * C_ * sizeof(float));
-  kernels::layernorm_backward(dy, x, params_, mean_.data(), rstd_.data(), dx, grads_, grads_ + C_,
-                              rows, C_);
+  kernels::layernorm_backward_into(dy, x, params_, mean_.data(), rstd_.data(), nullptr, dx, grads_,
+                                   grads_ + C_, rows, C_);
 }
 
 // ---- TransformerBlock -------------------------------------------------------------------------
@@ -217,15 +226,13 @@ void TransformerBlock::forward(const float* x, float* y, size_t batch) {
                              C);
   linear_forward(ln1_.data(), p_.qkv_w, p_.qkv_b, qkv_.data(), N, C, 3 * C);
   kernels::attention_forward(qkv_.data(), atty_.data(), att_.data(), shape);
-  linear_forward(atty_.data(), p_.proj_w, p_.proj_b, res1_.data(), N, C, C);
-  kernels::residual_forward(res1_.data(), x, res1_.data(), N * C);
+  linear_forward(atty_.data(), p_.proj_w, p_.proj_b, res1_.data(), N, C, C, x);
   // MLP half: y = res1 + fcproj(gelu(fc(ln2(res1)))).
   kernels::layernorm_forward(res1_.data(), p_.ln2_w, p_.ln2_b, ln2_.data(), mean2_.data(),
                              rstd2_.data(), N, C);
   linear_forward(ln2_.data(), p_.fc_w, p_.fc_b, fch_.data(), N, C, 4 * C);
   kernels::gelu_forward(fch_.data(), fch_gelu_.data(), N * 4 * C);
-  linear_forward(fch_gelu_.data(), p_.fcproj_w, p_.fcproj_b, y, N, 4 * C, C);
-  kernels::residual_forward(y, res1_.data(), y, N * C);
+  linear_forward(fch_gelu_.data(), p_.fcproj_w, p_.fcproj_b, y, N, 4 * C, C, res1_.data());
 }
 
 void TransformerBlock::backward(const float* x, const float* /*y*/, const float* dy, float* dx,
@@ -233,15 +240,15 @@ void TransformerBlock::backward(const float* x, const float* /*y*/, const float*
   const size_t N = batch * T_, C = C_;
   const kernels::AttentionShape shape{batch, T_, C, NH_};
   TransformerScratch& s = *scratch_;
-  // MLP half, mirrored. dres gathers d loss / d res1 from the residual and from ln2.
-  std::memcpy(s.dres.data(), dy, N * C * sizeof(float));
+  // MLP half, mirrored. dres = d loss / d res1, from the residual (dy) and from ln2.
   linear_backward(fch_gelu_.data(), p_.fcproj_w, dy, g_.fcproj_w, g_.fcproj_b, s.d4.data(), N,
                   4 * C, C);
-  kernels::gelu_backward(fch_.data(), s.d4.data(), s.d4.data(), N * 4 * C);
-  linear_backward(ln2_.data(), p_.fc_w, s.d4.data(), g_.fc_w, g_.fc_b, s.dln.data(), N, C, 4 * C);
+  // fc's bias gradient in the GELU's pass (one read of d4 fewer).
+  kernels::gelu_backward_bias(fch_.data(), s.d4.data(), s.d4.data(), g_.fc_b, N, 4 * C);
+  linear_backward(ln2_.data(), p_.fc_w, s.d4.data(), g_.fc_w, nullptr, s.dln.data(), N, C, 4 * C);
   std::memset(g_.ln2_w, 0, 2 * C * sizeof(float));  // ln2 w and b are adjacent
-  kernels::layernorm_backward(s.dln.data(), res1_.data(), p_.ln2_w, mean2_.data(), rstd2_.data(),
-                              s.dres.data(), g_.ln2_w, g_.ln2_b, N, C);
+  kernels::layernorm_backward_into(s.dln.data(), res1_.data(), p_.ln2_w, mean2_.data(),
+                                   rstd2_.data(), dy, s.dres.data(), g_.ln2_w, g_.ln2_b, N, C);
   // Attention half. dx gathers d loss / d x from the residual and from ln1.
   linear_backward(atty_.data(), p_.proj_w, s.dres.data(), g_.proj_w, g_.proj_b, s.datty.data(), N,
                   C, C);
@@ -250,14 +257,10 @@ void TransformerBlock::backward(const float* x, const float* /*y*/, const float*
   linear_backward(ln1_.data(), p_.qkv_w, s.dqkv.data(), g_.qkv_w, g_.qkv_b, s.dln.data(), N, C,
                   3 * C);
   std::memset(g_.ln1_w, 0, 2 * C * sizeof(float));
-  if (dx != nullptr) {
-    std::memcpy(dx, s.dres.data(), N * C * sizeof(float));
-    kernels::layernorm_backward(s.dln.data(), x, p_.ln1_w, mean1_.data(), rstd1_.data(), dx,
-                                g_.ln1_w, g_.ln1_b, N, C);
-  } else {
-    kernels::layernorm_backward(s.dln.data(), x, p_.ln1_w, mean1_.data(), rstd1_.data(),
-                                s.dres.data(), g_.ln1_w, g_.ln1_b, N, C);
-  }
+  // dx = dres + ln1's input gradient (into dres itself for a first block, which has no dx).
+  kernels::layernorm_backward_into(s.dln.data(), x, p_.ln1_w, mean1_.data(), rstd1_.data(),
+                                   s.dres.data(), dx != nullptr ? dx : s.dres.data(), g_.ln1_w,
+                                   g_.ln1_b, N, C);
 }
 
 // ---- TiedLmHead -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 #include "base/error.h"
 #include "kernels/attention.h"
+#include "kernels/bias.h"
 #include "kernels/embedding.h"
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
@@ -47,6 +48,23 @@ TEST(Gelu, MatchesTheTanhFormulaInDouble) {
     ASSERT_NEAR(y[i], ref, 2e-6 * (1 + std::fabs(ref))) << "x " << v;
     ASSERT_NEAR(dx[i], dref, 2e-6 * (1 + std::fabs(dref))) << "x " << v;
   }
+}
+
+TEST(Gelu, BackwardWithBiasMatchesBackwardThenBiasGrad) {
+  // cols 37: rows are not whole vectors. The fused pass splits the work into vectors
+  // differently from the flat one, so the last bit may differ (contracted multiply-adds).
+  const size_t rows = 9, cols = 37;
+  const auto x = random_floats(rows * cols, 2, -4.0f, 4.0f);
+  const auto dy = random_floats(rows * cols, 3);
+  std::vector<float> dx(x.size()), db(cols, 5.0f), ref_dx(x.size()), ref_db(cols);
+  gelu_backward_bias(x.data(), dy.data(), dx.data(), db.data(), rows, cols);
+  gelu_backward(x.data(), dy.data(), ref_dx.data(), x.size());
+  bias_grad(ref_dx.data(), ref_db.data(), rows, cols);
+  for (size_t i = 0; i < dx.size(); ++i) ASSERT_NEAR(dx[i], ref_dx[i], 1e-6) << i;
+  for (size_t c = 0; c < cols; ++c) ASSERT_NEAR(db[c], ref_db[c], 1e-5) << c;
+  std::vector<float> in_place = dy;  // dx may alias dy
+  gelu_backward_bias(x.data(), in_place.data(), in_place.data(), db.data(), rows, cols);
+  for (size_t i = 0; i < dx.size(); ++i) ASSERT_NEAR(in_place[i], ref_dx[i], 1e-6) << i;
 }
 
 TEST(LayerNorm, ForwardMatchesDoubleReference) {
@@ -98,8 +116,10 @@ TEST(Embedding, SumsTokenAndPositionRowsAndChecksTokens) {
 }
 
 TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
-  // T = 70 spans three of the CPU kernel's row blocks (32 positions).
-  for (const AttentionShape s : {AttentionShape{2, 7, 12, 3}, AttentionShape{1, 70, 8, 2}}) {
+  // The CPU kernel works on 16-float vectors and blocks of 4 rows: head sizes 4 (padded) and 32
+  // (two whole vectors), T = 70 and 37 (ending mid-vector and mid-block) and 36.
+  for (const AttentionShape s : {AttentionShape{2, 7, 12, 3}, AttentionShape{1, 70, 8, 2},
+                                 AttentionShape{2, 37, 64, 2}, AttentionShape{2, 36, 64, 2}}) {
     const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
     auto qkv = random_floats(s.batch * T * 3 * C, 8, -2.0f, 2.0f);
     std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
@@ -138,6 +158,64 @@ TEST(Attention, ForwardMatchesNaiveCausalSoftmax) {
   std::vector<float> out(2 * 7 * 12), att(2 * 3 * 7 * 7);
   EXPECT_THROW(attention_forward(qkv.data(), out.data(), att.data(), AttentionShape{2, 7, 12, 5}),
                InvalidArgument);
+}
+
+TEST(Attention, BackwardMatchesNaiveReferenceAcrossShapes) {
+  // dq = scale ds k, dk = scale ds^T q, dv = p^T dout with ds = p (dp - rowsum(p dp)),
+  // dp = dout v^T, in double from the forward's att. The shapes alternate, and the first is
+  // repeated at the end with the same bits: the kernel's per-thread buffers, reused between
+  // calls, keep their zero padding.
+  const AttentionShape shapes[] = {AttentionShape{2, 36, 64, 2}, AttentionShape{1, 37, 12, 3},
+                                   AttentionShape{2, 37, 64, 2}, AttentionShape{2, 36, 64, 2}};
+  std::vector<float> first;
+  for (const AttentionShape& s : shapes) {
+    const size_t T = s.seq_len, C = s.dim, NH = s.n_head, hs = s.head_size();
+    const double scale = 1.0 / std::sqrt(double(hs));
+    const auto qkv = random_floats(s.batch * T * 3 * C, 21, -2.0f, 2.0f);
+    const auto dout = random_floats(s.batch * T * C, 22);
+    std::vector<float> out(s.batch * T * C), att(s.batch * NH * T * T);
+    std::vector<float> dqkv(qkv.size(), 7.0f), scratch(T * T);
+    attention_forward(qkv.data(), out.data(), att.data(), s);
+    attention_backward(dout.data(), qkv.data(), att.data(), dqkv.data(), scratch.data(), s);
+    const auto at = [&](size_t b, size_t t, size_t part, size_t h, size_t d) {
+      return ((b * T + t) * 3 + part) * C + h * hs + d;
+    };
+    for (size_t b = 0; b < s.batch; ++b) {
+      for (size_t h = 0; h < NH; ++h) {
+        const float* p = att.data() + (b * NH + h) * T * T;
+        std::vector<double> ds(T * T, 0.0);
+        for (size_t t = 0; t < T; ++t) {
+          std::vector<double> dp(t + 1);
+          double dot = 0;
+          for (size_t j = 0; j <= t; ++j) {
+            for (size_t d = 0; d < hs; ++d) {
+              dp[j] += double(dout[(b * T + t) * C + h * hs + d]) * qkv[at(b, j, 2, h, d)];
+            }
+            dot += p[t * T + j] * dp[j];
+          }
+          for (size_t j = 0; j <= t; ++j) ds[t * T + j] = p[t * T + j] * (dp[j] - dot);
+        }
+        for (size_t t = 0; t < T; ++t) {
+          for (size_t d = 0; d < hs; ++d) {
+            double dq = 0, dk = 0, dv = 0;
+            for (size_t j = 0; j <= t; ++j) dq += ds[t * T + j] * qkv[at(b, j, 1, h, d)];
+            for (size_t u = t; u < T; ++u) {
+              dk += ds[u * T + t] * qkv[at(b, u, 0, h, d)];
+              dv += double(p[u * T + t]) * dout[(b * T + u) * C + h * hs + d];
+            }
+            ASSERT_NEAR(dqkv[at(b, t, 0, h, d)], scale * dq, 1e-5) << b << h << t << d;
+            ASSERT_NEAR(dqkv[at(b, t, 1, h, d)], scale * dk, 1e-5) << b << h << t << d;
+            ASSERT_NEAR(dqkv[at(b, t, 2, h, d)], dv, 1e-5) << b << h << t << d;
+          }
+        }
+      }
+    }
+    if (first.empty()) {
+      first = dqkv;
+    } else if (&s == &shapes[3]) {
+      EXPECT_EQ(dqkv, first);
+    }
+  }
 }
 
 TEST(Residual, AddsAndAccumulates) {

@@ -36,7 +36,9 @@ SHAPES = [  # L H C T V B seed
     (2, 4, 32, 16, 256, 3, 7),
     (1, 1, 8, 5, 11, 2, 3),
     (3, 2, 48, 24, 256, 2, 11),
-    (1, 2, 16, 70, 256, 2, 5),  # T over the CPU attention's row blocks of 32
+    (1, 2, 16, 70, 256, 2, 5),  # T past a multiple of the CPU attention's 16-wide vectors
+    (2, 2, 64, 36, 256, 2, 13),  # head size 32 (two whole vectors), as in the default gpt,
+    (1, 2, 64, 37, 256, 1, 17),  # with T a multiple of the CPU attention's 4-row blocks or not
 ]
 LOGIT_TOL, LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 2e-6, 1e-6, 1e-5, 1e-8
 
