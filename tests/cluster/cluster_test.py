@@ -438,6 +438,66 @@ def scenario_sigkill():
           f"{named[0].strip()}")
 
 
+def scenario_async_server_relaunch():
+    """Async mode across nodes under `resync launch`: servers on n1, workers on n2. Server rank 1
+    is SIGKILLed; the workers on n2 save their copies of the parameters (the checkpoint
+    directory is shared), the launcher relaunches the job, server 1's shard resumes from the
+    freshest copy, and each worker redoes at most the step it had in flight."""
+    up(2, 2)
+    metrics = os.path.join(TMP, "async_relaunch.jsonl")
+    ckpt = os.path.join(TMP, "async_ckpt")
+    args = ["train", "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test",
+            "1000", "--hidden", "128", "--batch-size", "32", "--steps", "600", "--progress",
+            "off", "--log-level", "warn", "--mode", "async", "--ps", "2", "--lr", "0.005",
+            "--max-staleness", "8", "--checkpoint-every", "20", "--checkpoint-dir", ckpt,
+            "--metrics", metrics]
+    job = subprocess.Popen([RESYNC, "launch", "--max-restarts", "2", "--"] +
+                           mpirun("n1:2,n2:2", args), env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = drain(job)
+    wait_for(lambda: last_step(metrics) >= 150, 60, "step 150", job, fail)
+    pid = rank_pid(metrics, 1)
+    if pid is None or not in_node(pid, "n1"):
+        fail(f"server rank 1 (pid {pid}) is not a process of node n1", job)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        job.wait(timeout=100)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        fail(f"the launched job did not finish within 100 s after the kill:\n"
+             f"{log(wait=True)[-3000:]}")
+    err = log(wait=True)
+    if job.returncode != 0:
+        fail(f"resync launch exited {job.returncode}:\n{err[-3000:]}")
+    if "relaunching with --resume" not in err:
+        fail(f"the launcher never relaunched the job:\n{err[-3000:]}")
+    rows = [json.loads(l) for l in open(metrics) if l.strip()]
+    summary_rows = [r for r in rows if r["event"] == "summary"]
+    if not summary_rows or summary_rows[-1]["ranks_agree"] is not True:
+        fail(f"no agreeing summary at the end: {summary_rows[-1:]}")
+    # The runs in the metrics: rank 0's step records start again after the relaunch.
+    runs, prev = [], None
+    for r in (r for r in rows if r["event"] == "step"):
+        if prev is None or r["elapsed_s"] < prev:
+            runs.append([])
+        runs[-1].append(r)
+        prev = r["elapsed_s"]
+    if len(runs) != 2:
+        fail(f"{len(runs)} run(s) in the step records, expected the first and one relaunch")
+    last = {r["worker"]: r["step"] for r in runs[0]}
+    first = {}
+    for r in runs[1]:
+        first.setdefault(r["worker"], r["step"])
+    redone = {w: last[w] - first[w] + 1 for w in sorted(last) if w in first}
+    if sorted(redone) != [2, 3] or max(redone.values()) > 1:
+        fail(f"steps redone per worker {redone} (at most 1 each): last before the death {last}, "
+             f"first after the relaunch {first}")
+    if "come from" not in err:
+        fail(f"server 1's shard did not resume from a worker's copy:\n{err[-3000:]}")
+    print(f"PASS: server rank 1 on n1 killed at step {last}; the workers on n2 resumed at "
+          f"{first} (redone {redone}) after one relaunch; replicas agree")
+
+
 def main():
     scenario = globals().get("scenario_" + SCENARIO)
     if scenario is None:
