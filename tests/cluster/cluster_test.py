@@ -438,43 +438,74 @@ def scenario_sigkill():
           f"{named[0].strip()}")
 
 
-def scenario_async_server_relaunch():
-    """Async mode across nodes under `resync launch`: servers on n1, workers on n2. Server rank 1
-    is SIGKILLed; the workers on n2 save their copies of the parameters (the checkpoint
-    directory is shared), the launcher relaunches the job, server 1's shard resumes from the
-    freshest copy, and each worker redoes at most the step it had in flight."""
-    up(2, 2)
-    metrics = os.path.join(TMP, "async_relaunch.jsonl")
-    ckpt = os.path.join(TMP, "async_ckpt")
+def launched_run(tag, train_args, victim, victim_node):
+    """Runs `resync train` on n1:2,n2:2 under `resync launch` with a shared checkpoint directory,
+    SIGKILLs rank `victim` (a process of `victim_node`) after step 150, and expects one relaunch
+    and a clean end. Returns (metrics rows, the launcher's stderr)."""
+    metrics = os.path.join(TMP, tag + ".jsonl")
     args = ["train", "--data", "synthetic", "--synthetic-train", "16000", "--synthetic-test",
             "1000", "--hidden", "128", "--batch-size", "32", "--steps", "600", "--progress",
-            "off", "--log-level", "warn", "--mode", "async", "--ps", "2", "--lr", "0.005",
-            "--max-staleness", "8", "--checkpoint-every", "20", "--checkpoint-dir", ckpt,
-            "--metrics", metrics]
+            "off", "--log-level", "warn", "--checkpoint-dir", os.path.join(TMP, tag + "_ckpt"),
+            "--metrics", metrics] + train_args
     job = subprocess.Popen([RESYNC, "launch", "--max-restarts", "2", "--"] +
                            mpirun("n1:2,n2:2", args), env=ENV, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = drain(job)
     wait_for(lambda: last_step(metrics) >= 150, 60, "step 150", job, fail)
-    pid = rank_pid(metrics, 1)
-    if pid is None or not in_node(pid, "n1"):
-        fail(f"server rank 1 (pid {pid}) is not a process of node n1", job)
+    pid = rank_pid(metrics, victim)
+    if pid is None or not in_node(pid, victim_node):
+        fail(f"rank {victim} (pid {pid}) is not a process of node {victim_node}", job)
     os.kill(pid, signal.SIGKILL)
     try:
         job.wait(timeout=100)
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
-        fail(f"the launched job did not finish within 100 s after the kill:\n"
+        fail(f"{tag}: the launched job did not finish within 100 s after the kill:\n"
              f"{log(wait=True)[-3000:]}")
     err = log(wait=True)
     if job.returncode != 0:
-        fail(f"resync launch exited {job.returncode}:\n{err[-3000:]}")
-    if "relaunching with --resume" not in err:
-        fail(f"the launcher never relaunched the job:\n{err[-3000:]}")
+        fail(f"{tag}: resync launch exited {job.returncode}:\n{err[-3000:]}")
+    if err.count("relaunching with --resume") != 1:
+        fail(f"{tag}: expected exactly one relaunch:\n{err[-3000:]}")
     rows = [json.loads(l) for l in open(metrics) if l.strip()]
-    summary_rows = [r for r in rows if r["event"] == "summary"]
-    if not summary_rows or summary_rows[-1]["ranks_agree"] is not True:
-        fail(f"no agreeing summary at the end: {summary_rows[-1:]}")
+    if not rows or rows[-1]["event"] != "summary" or rows[-1]["ranks_agree"] is not True:
+        fail(f"{tag}: no agreeing summary at the end: {rows[-1:]}")
+    return rows, err
+
+
+def scenario_sync_relaunch():
+    """Plain sync across nodes through a death: worker rank 3 on n2 is SIGKILLed, the survivors
+    save, `resync launch` relaunches, and the run ends with the same param_checksum as the same
+    run without the death on the same nodes, no step done twice."""
+    up(2, 2)
+    straight, _ = train("n1:2,n2:2", ["--data", "synthetic", "--synthetic-train", "16000",
+                                      "--synthetic-test", "1000", "--hidden", "128",
+                                      "--batch-size", "32", "--steps", "600", "--log-level",
+                                      "warn"], "sync_straight")
+    rows, _ = launched_run("sync_relaunch", [], victim=3, victim_node="n2")
+    want, got = summary(straight)["param_checksum"], rows[-1]["param_checksum"]
+    if got != want:
+        fail(f"checksum {got} after the relaunch, {want} without the death")
+    seen = {}
+    for r in rows:
+        if r["event"] == "step":
+            seen[r["step"]] = seen.get(r["step"], 0) + 1
+    twice = sorted(s for s, n in seen.items() if n > 1)
+    if len(twice) > 1:
+        fail(f"steps done more than once: {twice[:10]}")
+    print(f"PASS: rank 3 on n2 killed; after one relaunch checksum {got} as without the death, "
+          f"steps redone {twice}")
+
+
+def scenario_async_server_relaunch():
+    """Async mode across nodes: servers on n1, workers on n2. Server rank 1 is SIGKILLed; the
+    workers on n2 save their copies of the parameters (the checkpoint directory is shared), the
+    relaunched server 1 takes its shard from the freshest copy, and each worker redoes at most
+    the step it had in flight."""
+    up(2, 2)
+    rows, err = launched_run("async_relaunch", ["--mode", "async", "--ps", "2", "--lr", "0.005",
+                                                "--max-staleness", "8", "--checkpoint-every",
+                                                "20"], victim=1, victim_node="n1")
     # The runs in the metrics: rank 0's step records start again after the relaunch.
     runs, prev = [], None
     for r in (r for r in rows if r["event"] == "step"):
