@@ -183,7 +183,14 @@ WorkerCopy::WorkerCopy(const std::string& dir, int rank, size_t n_params, int n_
       meta_(std::move(meta)) {
   parts_ = {std::span<float>(params_)};
   prepare_checkpoint_dir(dir_);
-  for (const CheckpointFile& f : list_checkpoints(dir_)) std::filesystem::remove(f.path);
+  for (const CheckpointFile& f : list_checkpoints(dir_)) {
+    std::error_code ec;
+    if (!std::filesystem::remove(f.path, ec) && ec) {
+      throw InvalidArgument(fmt::format("--checkpoint-dir: cannot remove {}, an earlier run's copy "
+                                        "of the parameters ({})",
+                                        f.path, ec.message()));
+    }
+  }
 }
 
 void WorkerCopy::note(uint64_t steps_done, std::span<const float> params,

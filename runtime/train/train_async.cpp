@@ -381,13 +381,16 @@ SummaryRecord train_async(const TrainConfig& cfg, collectives::MpiSession& mpi) 
   // A worker keeps a copy of the parameters as of its last exchange for its rescue (a dead
   // server's shard resumes from the freshest copy: async_checkpoint.h).
   std::optional<WorkerCopy> worker_copy;
-  if (!cfg.checkpoint_dir.empty() && !server) {
-    worker_copy.emplace(cfg.checkpoint_dir, rank, model.n_params(), cfg.ps,
-                        CheckpointMeta{.model = model.describe(),
-                                       .world_size = world,
-                                       .seed = cfg.seed,
-                                       .batch_size = cfg.batch_size,
-                                       .optimizer = cfg.optimizer});
+  if (!cfg.checkpoint_dir.empty()) {
+    agreed(rank, world, [&] {  // a directory a worker cannot write fails every rank (exit 2)
+      if (server) return;
+      worker_copy.emplace(cfg.checkpoint_dir, rank, model.n_params(), cfg.ps,
+                          CheckpointMeta{.model = model.describe(),
+                                         .world_size = world,
+                                         .seed = cfg.seed,
+                                         .batch_size = cfg.batch_size,
+                                         .optimizer = cfg.optimizer});
+    });
   }
   mpi.mark_setup_agreed();
   std::unique_ptr<collectives::TcpControlServer> liveness;  // rank 0: deaths, for the rescue
