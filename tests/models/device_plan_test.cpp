@@ -3,6 +3,7 @@
 // Model, and the one-line refusals (a layer no device implements, an ambiguous tie). Its own
 // binary: it registers models, which models_test's registry checks must not see.
 #include "models/device_plan.h"
+#include "models/gpt.h"
 
 #include <gtest/gtest.h>
 
@@ -166,23 +167,11 @@ TEST(DevicePlan, UnsupportedLayerIsRefusedByName) {
   EXPECT_EQ(msg.find('\n'), std::string::npos) << "not one line: " << msg;
 }
 
-ModelSpec gpt_spec_for(size_t n_layer, size_t n_head, size_t n_embd, size_t context, size_t vocab) {
-  ModelSpec spec;
-  spec.name = "gpt";
-  spec.in_height = 1;
-  spec.in_width = context;
-  spec.n_classes = vocab;
-  spec.n_layer = n_layer;
-  spec.n_head = n_head;
-  spec.n_embd = n_embd;
-  return spec;
-}
-
 // The gpt's layers: shapes read from each layer, offsets as the CPU Model binds them, the tied
 // head pointed at the embedding's wte, one label per position.
 TEST(DevicePlan, GptLayersShapesAndTie) {
   const size_t V = 16, T = 6, C = 8, NH = 2, L = 2;
-  const ModelSpec spec = gpt_spec_for(L, NH, C, T, V);
+  const ModelSpec spec = gpt_spec(L, NH, C, T, V);
   const DevicePlan plan = make_device_plan(spec);
   const size_t emb = (V + T) * C, block = 12 * C * C + 13 * C;
   expect_layers(
@@ -209,14 +198,14 @@ TEST(DevicePlan, GptLayersShapesAndTie) {
   EXPECT_EQ(plan.labels_per_sample, cpu->labels_per_sample());
 
   // Another shape: one block of four heads, a vocabulary larger than the context.
-  const DevicePlan other = make_device_plan(gpt_spec_for(1, 4, 12, 3, 40));
+  const DevicePlan other = make_device_plan(gpt_spec(1, 4, 12, 3, 40));
   ASSERT_EQ(other.layers.size(), 4u);
   EXPECT_EQ(other.layers[1].seq.n_head, 4u);
   EXPECT_EQ(other.layers[1].seq.dim, 12u);
   EXPECT_EQ(other.layers[3].seq.vocab, 40u);
   EXPECT_EQ(other.layers[3].seq.context, 3u);
   EXPECT_EQ(other.labels_per_sample, 3u);
-  expect_matches_cpu_model(other, gpt_spec_for(1, 4, 12, 3, 40));
+  expect_matches_cpu_model(other, gpt_spec(1, 4, 12, 3, 40));
 }
 
 // A registered stack of transformer layers in another arrangement: a LayerNorm first, an

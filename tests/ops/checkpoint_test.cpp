@@ -69,6 +69,18 @@ class CheckpointTest : public ::testing::Test {
     }
     return "";
   }
+  // Every single flipped bit (one per byte) of the checkpoint at `path` is reported.
+  void expect_every_flipped_byte_caught(const std::string& path) const {
+    const std::vector<char> good = bytes_of(path);
+    const std::string damaged = dir_ + "/damaged";
+    for (size_t i = 0; i < good.size(); ++i) {
+      std::vector<char> bad = good;
+      bad[i] ^= 0x10;
+      put(damaged, bad);
+      EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " of " << good.size()
+                                         << " went unnoticed";
+    }
+  }
 
   std::string dir_;
 };
@@ -127,16 +139,7 @@ TEST_F(CheckpointTest, RewritingTheSameStepReplacesTheFile) {
 }
 
 TEST_F(CheckpointTest, EveryFlippedByteIsDetected) {
-  const std::string path = write(7, 6);
-  const std::vector<char> good = bytes_of(path);
-  const std::string damaged = dir_ + "/damaged";
-  for (size_t i = 0; i < good.size(); ++i) {
-    std::vector<char> bad = good;
-    bad[i] ^= 0x10;
-    put(damaged, bad);
-    EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " of " << good.size()
-                                       << " went unnoticed";
-  }
+  expect_every_flipped_byte_caught(write(7, 6));
 }
 
 TEST_F(CheckpointTest, CrcMismatchIsNamed) {
@@ -301,14 +304,7 @@ TEST_F(CheckpointTest, WorkerStepsRoundTripAsVersion2AndPlainStaysVersion1) {
   EXPECT_EQ(read_checkpoint(path).meta, m);
   EXPECT_EQ(version_word(bytes_of(path)), "2");
   EXPECT_EQ(version_word(bytes_of(write(6))), "1") << "a sync checkpoint must stay version 1";
-  const std::vector<char> good = bytes_of(path);
-  const std::string damaged = dir_ + "/damaged";
-  for (size_t i = 0; i < good.size(); ++i) {
-    std::vector<char> bad = good;
-    bad[i] ^= 0x10;
-    put(damaged, bad);
-    EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " went unnoticed";
-  }
+  expect_every_flipped_byte_caught(path);
 }
 
 TEST_F(CheckpointTest, WorkerStepsThatDoNotFitTheHeaderAreMalformed) {
@@ -382,14 +378,7 @@ TEST_F(CheckpointTest, ShardVersionsRoundTripAsVersion3) {
   const std::string path = write_checkpoint(dir_, m, values(6, 1.0f), {});
   EXPECT_EQ(read_checkpoint(path).meta, m);
   EXPECT_EQ(version_word(bytes_of(path)), "3");
-  const std::vector<char> good = bytes_of(path);
-  const std::string damaged = dir_ + "/damaged";
-  for (size_t i = 0; i < good.size(); ++i) {
-    std::vector<char> bad = good;
-    bad[i] ^= 0x10;
-    put(damaged, bad);
-    EXPECT_NE(read_error(damaged), "") << "a flipped bit at byte " << i << " went unnoticed";
-  }
+  expect_every_flipped_byte_caught(path);
   m.shard_versions = {1, 2, 3};  // as many shards as ranks
   const std::string error = read_error(write_checkpoint(dir_, m, values(6, 1.0f), {}));
   EXPECT_NE(error.find("shard count"), std::string::npos) << error;
