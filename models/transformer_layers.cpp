@@ -154,15 +154,14 @@ TransformerBlock::TransformerBlock(size_t context, size_t dim, size_t n_head, si
 
 std::string TransformerBlock::name() const { return fmt::format("block T{} C{} H{}", T_, C_, NH_); }
 
-TransformerBlock::Params TransformerBlock::carve(float* base) const {
-  const size_t C = C_;
-  Params p{};
+BlockParams carve_block_params(float* base, size_t C) {
   float* at = base;
   const auto take = [&](size_t n) {
     float* out = at;
     at += n;
     return out;
   };
+  BlockParams p{};
   p.ln1_w = take(C);
   p.ln1_b = take(C);
   p.qkv_w = take(3 * C * C);
@@ -180,8 +179,8 @@ TransformerBlock::Params TransformerBlock::carve(float* base) const {
 
 void TransformerBlock::bind(std::span<float> params, std::span<float> grads) {
   check_bind(*this, params, grads);
-  p_ = carve(params.data());
-  g_ = carve(grads.data());
+  p_ = carve_block_params(params.data(), C_);
+  g_ = carve_block_params(grads.data(), C_);
 }
 
 void TransformerBlock::init(SplitMix64& rng) {

@@ -79,6 +79,14 @@ class LayerNormLayer final : public Layer {
   std::vector<float> mean_, rstd_, dx_scratch_;
 };
 
+// Pointers into one block's slice of the parameters (or of the gradients), in the order the
+// block lays them out (see TransformerBlock); the CPU block and its device twin both carve so.
+struct BlockParams {
+  float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w,
+      *fcproj_b;
+};
+BlockParams carve_block_params(float* base, size_t dim);
+
 // One pre-LayerNorm GPT-2 block over T x C:
 //   r = x + proj(attention(qkv(ln1(x)))),   y = r + fcproj(gelu(fc(ln2(r)))).
 // Parameters, in order (linear weights [out x in] as PyTorch's nn.Linear, then their bias):
@@ -102,15 +110,8 @@ class TransformerBlock final : public Layer {
   SequenceShape shape() const { return {.context = T_, .dim = C_, .n_head = NH_}; }
 
  private:
-  // Pointers into a parameter (or gradient) slice, by the layout above.
-  struct Params {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w,
-        *fcproj_b;
-  };
-  Params carve(float* base) const;
-
   size_t T_, C_, NH_, n_layer_;
-  Params p_{}, g_{};
+  BlockParams p_{}, g_{};
   std::shared_ptr<TransformerScratch> scratch_;
   // Activations kept for the backward pass, [batch x T x ...].
   std::vector<float> ln1_, mean1_, rstd1_, qkv_, atty_, att_, res1_, ln2_, mean2_, rstd2_, fch_,

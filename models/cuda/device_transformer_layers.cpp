@@ -163,8 +163,8 @@ class DeviceTransformerBlock final : public DeviceLayer {
   }
 
   void bind(float* params, float* grads) override {
-    p_ = carve(params);
-    g_ = carve(grads);
+    p_ = carve_block_params(params, s_.dim);
+    g_ = carve_block_params(grads, s_.dim);
   }
 
   void forward(const CudaContext& ctx, const float* x, float* y, size_t batch) override {
@@ -216,41 +216,13 @@ class DeviceTransformerBlock final : public DeviceLayer {
   }
 
  private:
-  struct Params {
-    float *ln1_w, *ln1_b, *qkv_w, *qkv_b, *proj_w, *proj_b, *ln2_w, *ln2_b, *fc_w, *fc_b, *fcproj_w,
-        *fcproj_b;
-  };
-  // Pointers into a parameter (or gradient) slice, in the CPU block's layout.
-  Params carve(float* base) const {
-    const size_t C = s_.dim;
-    float* at = base;
-    const auto take = [&](size_t n) {
-      float* out = at;
-      at += n;
-      return out;
-    };
-    Params p{};
-    p.ln1_w = take(C);
-    p.ln1_b = take(C);
-    p.qkv_w = take(3 * C * C);
-    p.qkv_b = take(3 * C);
-    p.proj_w = take(C * C);
-    p.proj_b = take(C);
-    p.ln2_w = take(C);
-    p.ln2_b = take(C);
-    p.fc_w = take(4 * C * C);
-    p.fc_b = take(4 * C);
-    p.fcproj_w = take(4 * C * C);
-    p.fcproj_b = take(C);
-    return p;
-  }
   kernels::AttentionShape attention(size_t batch) const {
     return {.batch = batch, .seq_len = s_.context, .dim = s_.dim, .n_head = s_.n_head};
   }
 
   SequenceShape s_;
   size_t max_batch_;
-  Params p_{}, g_{};
+  BlockParams p_{}, g_{};  // in the CPU block's layout (carve_block_params)
   // Activations kept for the backward pass, [batch x T x ...].
   kc::DeviceBuffer<float> ln1_, mean1_, rstd1_, qkv_, atty_, att_, res1_, ln2_, mean2_, rstd2_,
       fch_, fch_gelu_;
